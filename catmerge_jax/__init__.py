@@ -22,6 +22,7 @@ from catmerge_jax.cat import (
     linear_projection,
     merge_with_trimmers,
     norm_rescaled,
+    restricted,
     scale_masking,
     shift_masking,
     validate_inputs,

@@ -187,9 +187,9 @@ def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, p
       valid_layers: only the first this many layers are real (the rest is padding, never sent to eigh).
       batch_mode: ``"auto"``/``"vmap"``/``"map"`` for the iterative solves (:func:`catmerge_jax.linalg.map_batch`).
       counts: if a dict, ``"solves"`` and ``"fallbacks"`` (eigh re-solves) are added to it.
-      min_gap: overrides :class:`catmerge_jax.linalg.KrylovConfig`'s ``min_gap`` (0: accept any converged
-        subspace, even inside a near-degenerate cluster, where every choice has the same CAT objective to
-        within the gap; the default defers such matrices to eigh to match the plain path).
+      min_gap: overrides :class:`catmerge_jax.linalg.KrylovConfig`'s ``min_gap`` (default 0: accept every
+        subspace that converged to the working-precision floor with a resolvable gap; e.g. 1e-3 also defers
+        near-tied matrices to eigh, reproducing the plain path's tie-breaking at eigh's cost).
     Returns:
       The bases; every (layer, task) whose iterative solve did not converge is recomputed with eigh.
     """
@@ -274,8 +274,9 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
       min_gap: smallest relative eigengap the iterative solver accepts (see :func:`linear_group_bases`).
       batch_mode: how iterative solves are batched (``"vmap"`` when sharding; ``"auto"``: sequential on CPU).
       progress: progress bar over groups.
-      timings: if a dict, receives seconds spent in ``"prepare"``, ``"bases"`` (incl. masks), ``"apply"``, and
-        the number of linear ``"solves"`` and of iterative ones that fell back to eigh (``"fallbacks"``).
+      timings: if a dict, receives seconds spent in ``"prepare"``, ``"bases"`` (incl. masks), ``"apply"``, the
+        number of linear ``"solves"`` and of iterative ones that fell back to eigh (``"fallbacks"``), and per
+        linear group (``"groups"``: shape, layer count, chosen plan, fallbacks, bases seconds).
     Returns:
       The merged params (same structure and dtypes as ``pretrained``).
     """
@@ -294,7 +295,7 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
     spec_leaves = [s for _, s in leaves_with_paths(specs, is_leaf=is_spec)]
     task_leaves = [jax.tree.leaves(t) for t in finetuned]
     stat_leaves = [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
-    clock: dict = {"prepare": 0.0, "bases": 0.0, "apply": 0.0, "solves": 0, "fallbacks": 0}
+    clock: dict = {"prepare": 0.0, "bases": 0.0, "apply": 0.0, "solves": 0, "fallbacks": 0, "groups": []}
 
     merged: list[Any] = [None] * len(base_leaves)
     trimmed_by_index: dict[int, jax.Array] = {}
@@ -331,6 +332,7 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
         if form == "gram" and plan.form == "rows":  # rows are not available for this group
             plan = plan_linear(num_tasks, fan_in, fan_out, c, rows=None, solver=solver, strategy="explicit")
         per_layer = 4 * num_tasks * (3 * fan_in * fan_out + int(np.prod(data_shape)) + 2 * fan_out * fan_out)
+        group_start, fallbacks_before = clock["bases"], clock["fallbacks"]
         for chunk in _chunks(members, per_layer, max_group_bytes, layer_multiple):
             t0 = time.perf_counter()
             pad = (-len(chunk)) % layer_multiple
@@ -352,6 +354,10 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
                 trimmed = _gather(trimmed)
             for i, m in enumerate(chunk):
                 trimmed_by_index[m.index] = trimmed[i].reshape(m.shape)
+        clock["groups"].append({"shape": (fan_in, fan_out), "layers": len(members), "form": plan.form,
+                                "strategy": plan.strategy, "solver": plan.solver,
+                                "fallbacks": clock["fallbacks"] - fallbacks_before,
+                                "bases_seconds": clock["bases"] - group_start})
 
     t0 = time.perf_counter()
     for j, base in enumerate(base_leaves):

@@ -18,7 +18,7 @@ span of all ``B_k`` (``"joint"``, order-free). Finally ``W = W0 + α Σ_i T̃_i`
 
 A trimming rule is a value, :class:`Trimmer` (``init`` computes bases/masks, ``apply`` edits), and
 :func:`merge_with_trimmers` maps a ``{Role: Trimmer}`` table over the params tree, so ablations and variants
-are built by swapping table entries or wrapping them (:func:`norm_rescaled`), not by flags.
+are built by swapping table entries or wrapping them (:func:`norm_rescaled`, :func:`restricted`), not by flags.
 
 >>> import jax, jax.numpy as jnp
 >>> import catmerge_jax as cm
@@ -35,6 +35,7 @@ are built by swapping table entries or wrapping them (:func:`norm_rescaled`), no
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -415,6 +416,36 @@ def shift_masking(c: int = 3, *, lam: float | None = None) -> Trimmer:
         return cat_shift_masks(t, c=c, counts=counts, lam=lam)
 
     return Trimmer(init, _mask_apply)
+
+
+def restricted(trimmer: Trimmer, where: str | Callable[[str], bool]) -> Trimmer:
+    """``trimmer`` on the leaves whose path matches ``where``; every other leaf passes through untouched.
+
+    ``where`` is a regular expression searched in the leaf path (``"layer/[0-3]/"``) or a predicate on the
+    path. For per-layer studies (which layers' trimming helps) and for trimming only part of a model.
+
+    >>> import jax.numpy as jnp
+    >>> halve = Trimmer(lambda leaf: None, lambda leaf, state: leaf.task_vectors / 2)
+    >>> leaf = LeafInput("enc/layer/1/kernel", None, jnp.ones((2, 3)), None)
+    >>> t = restricted(halve, "layer/0/")
+    >>> t.apply(leaf, t.init(leaf)).tolist()
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    """
+    if isinstance(where, str):
+        pattern = re.compile(where)
+        keep = lambda path: pattern.search(path) is not None  # noqa: E731
+    elif callable(where):
+        keep = where
+    else:
+        raise TypeError(f"where must be a regex string or a predicate on the leaf path, got {type(where).__name__}")
+
+    def init(leaf: LeafInput) -> Any:
+        return trimmer.init(leaf) if keep(leaf.path) else None
+
+    def apply(leaf: LeafInput, state: Any) -> jax.Array:
+        return trimmer.apply(leaf, state) if keep(leaf.path) else leaf.task_vectors
+
+    return Trimmer(init, apply)
 
 
 def norm_rescaled(trimmer: Trimmer) -> Trimmer:

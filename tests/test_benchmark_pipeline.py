@@ -47,7 +47,7 @@ def test_pipeline_end_to_end_and_cache(tiny_backbone, tmp_path):
     res = run.run_benchmark(tiny_backbone, task_list, CFG, out_dir=out, cache_dir=cache, quiet=True)
 
     methods = CFG.methods
-    assert set(res["main"]) == set(methods)
+    assert set(res["main"]) == set(methods) | {"cat (λ, c on val)"}
     for name, r in res["main"].items():
         assert "skipped" not in r, (name, r)
         assert set(r["test"]) == {t.name for t in task_list}
@@ -68,6 +68,18 @@ def test_pipeline_end_to_end_and_cache(tiny_backbone, tmp_path):
     assert np.shape(an["conflict"]["cat"]) == (2, 2) and np.shape(an["conflict"]["task_arithmetic"]) == (2, 2)
     # At alpha = (0, 0) nothing is added: no conflict.
     assert an["conflict"]["task_arithmetic"][0][0] == pytest.approx(0.0, abs=1e-6)
+    # The validation-selected CAT row is the sweep point with the best validation mean, reported as it is.
+    points = an["lambda"] + an["c"]
+    chosen = res["main"]["cat (λ, c on val)"]
+    assert np.mean(list(chosen["val"].values())) == pytest.approx(max(p["val_mean"] for p in points))
+    assert chosen["hparams"]["lam"] in CFG.lam_sweep and chosen["hparams"]["c"] in (CFG.c, *CFG.c_sweep)
+    assert [r["name"] for r in an["layers"]] == [label for label, _ in CFG.layer_groups]
+    assert set(an["directions"]) == {f"{lam:g}" for lam in CFG.lam_sweep}
+    for lam, per in an["directions"].items():
+        for d in per.values():
+            assert 0.0 <= d["nonpositive_directions"] <= 1.0 and 0.0 <= d["negative_pair_terms"] <= 1.0
+            if lam == "0":  # λ = 0: G_k is PSD and every per-pair term is ≥ 0
+                assert d["negative_pair_terms"] == 0.0
     energy = an["removed_energy"]["synthetic_0"]
     assert 0.0 < energy["linear"] < 1.0 and energy["other"] == pytest.approx(0.0, abs=1e-6)
 

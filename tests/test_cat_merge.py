@@ -149,6 +149,23 @@ def test_switching_parts_off_and_custom_trimmer_tables(x64):
     assert np.allclose(via_table["head"]["bias"], ta["head"]["bias"])
 
 
+def test_restricted_trimmer_projects_only_the_matching_leaves(x64):
+    w0, fts, stats, _ = make_problem(seed=6)
+    ta = cm.task_arithmetic(w0, fts, alpha=0.3)
+    full = cm.cat_merge(w0, fts, stats, c=2)
+    for where in ("^block/", lambda path: path.startswith("block/")):
+        table = cm.cat_trimmers(5.0, 2)
+        table[cm.Role.LINEAR] = cm.restricted(table[cm.Role.LINEAR], where)
+        merged = cm.merge_with_trimmers(w0, fts, stats, table, alpha=0.3)
+        np.testing.assert_allclose(merged["block"]["dense"]["kernel"], full["block"]["dense"]["kernel"], rtol=1e-12)
+        np.testing.assert_allclose(merged["head"]["kernel"], ta["head"]["kernel"], rtol=1e-12)  # linear, unmatched
+        np.testing.assert_allclose(merged["conv"]["kernel"], ta["conv"]["kernel"], rtol=1e-12)
+        np.testing.assert_allclose(merged["head"]["bias"], full["head"]["bias"], rtol=1e-12)  # shifts still masked
+    assert not np.allclose(full["head"]["kernel"], ta["head"]["kernel"])
+    with pytest.raises(TypeError, match="where must be"):
+        cm.restricted(cm.identity_trimmer(), 3)
+
+
 def test_rescale_norm_restores_task_vector_norms(x64):
     w0, fts, stats, _ = make_problem(seed=6, K=2)
     merged = cm.cat_merge(w0, fts[:1] * 1, stats[:1], alpha=1.0, c=2, rescale_norm=True)

@@ -59,6 +59,26 @@ def test_degenerate_gap_is_flagged_and_falls_back_to_eigh():
                                   np.asarray(eigh_top(m, C)))
 
 
+def test_near_tie_resolvable_in_float32_is_accepted_as_accurately_as_eigh():
+    # CAT-like: a large negative part makes ‖G‖ ≈ 400 while λ_3 − λ_4 = 0.02 (5e-5 of ‖G‖). The gap is small
+    # relative to the norm but resolvable in float32, so the converged Krylov subspace is accepted; it must be
+    # as close to the float64 truth as float32 eigh's own subspace (both ≈ eps·‖G‖/gap from it).
+    rest = np.random.default_rng(7).uniform(-400.0, 1.0, N - 4)
+    m64 = _matrix(np.concatenate([[9.0, 6.0, 4.02, 4.0], rest]), 11)
+    m = jnp.asarray(m64, jnp.float32)
+    res = jax.jit(lambda a: block_krylov_top(a, C, config=CFG))(m)
+    assert bool(res.converged)
+    assert float(res.gap / res.scale) < 1e-3  # the old fixed threshold would have refused it
+    truth = _projector_f64(m64, C)
+    v = np.asarray(res.vectors, np.float64)
+    e = np.asarray(eigh_top(m, C), np.float64)
+    err_eigh = np.abs(e @ e.T - truth).max()
+    assert np.abs(v @ v.T - truth).max() <= 10 * err_eigh + 1e-5
+    # A user-set min_gap restores eigh's tie-breaking for such matrices.
+    strict = jax.jit(lambda a: block_krylov_top(a, C, config=CFG._replace(min_gap=1e-3)))(m)
+    assert not bool(strict.converged)
+
+
 def test_solver_choice_and_errors():
     assert choose_solver(128, 3) == "eigh"
     assert choose_solver(4096, 3) == "iterative"

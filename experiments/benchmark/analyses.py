@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from catmerge_jax.cat import (LeafInput, Trimmer, identity_trimmer, linear_projection, merge_with_trimmers,
-                              norm_rescaled, scale_masking, shift_masking, validate_inputs)
+                              norm_rescaled, restricted, scale_masking, shift_masking, validate_inputs)
 from catmerge_jax.roles import Role, classify, is_spec
 from catmerge_jax.stats import is_leaf_stats
 from catmerge_jax.tree import leaves_with_paths
@@ -106,10 +106,11 @@ def memoized(trimmer: Trimmer, cache: dict, key: Any) -> Trimmer:
 
 def cat_table(lam: float, c: int, *, cache: dict, stats_key: Any, joint: bool = False,
               normalize_by_count: bool = False, rescale_norm: bool = False, gated: bool = False,
-              off: Sequence[Role] = ()) -> dict[Role, Trimmer]:
+              off: Sequence[Role] = (), linear_only: str | None = None) -> dict[Role, Trimmer]:
     """CAT's ``{Role: Trimmer}`` table (library trimmers) with memoized bases; roles in ``off`` use task arithmetic.
 
     ``gated`` swaps in :func:`gated_linear_projection` (same bases, so they are shared through the cache).
+    ``linear_only`` (a path regex) projects only the matching linear leaves (:func:`catmerge_jax.cat.restricted`).
     """
     linear = (gated_linear_projection(lam, c) if gated
               else linear_projection(lam, c, joint=joint, normalize_by_count=normalize_by_count))
@@ -118,6 +119,8 @@ def cat_table(lam: float, c: int, *, cache: dict, stats_key: Any, joint: bool = 
         Role.SCALE: memoized(scale_masking(lam, c), cache, ("scale", lam, c, stats_key)),
         Role.SHIFT: memoized(shift_masking(c), cache, ("shift", c, stats_key)),
     }
+    if linear_only is not None:
+        table[Role.LINEAR] = restricted(table[Role.LINEAR], linear_only)
     if rescale_norm:
         table = {r: norm_rescaled(t) for r, t in table.items()}
     for role in off:
@@ -171,6 +174,45 @@ def conflict_map(evaluator: Evaluator, pretrained: PyTree, vectors: Sequence[PyT
             r = evaluator.evaluate(w, split, [a, b])
             out[p, q] = r[a]["loss"] - own_a[ap] + r[b]["loss"] - own_b[aq]
     return out
+
+
+def removal_diagnostics(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree],
+                        linear: Trimmer, lam: float, *, roles: Any = None) -> list[dict[str, float]]:
+    """Per task k: how many of CAT's removal directions the paper's own objective actually supports.
+
+    For each linear leaf and each basis vector ``b`` of ``B_k`` (from ``linear.init``, so memoized bases are
+    reused), the per-pair terms ``g_i(b) = bᵀT_iᵀ(A_k − λA_i)T_i b`` (i ≠ k) sum to b's eigenvalue of ``G_k``.
+    Reported: ``nonpositive_directions`` — share of b with ``Σ_i g_i(b) ≤ 1e-6 · Σ_i |g_i(b)|`` (the top-c
+    eigenvalue is not positive: removing b does not lower the objective, yet the paper's rule removes it), and
+    ``negative_pair_terms`` — share of (b, i) with ``g_i(b) < −1e-6 · Σ_i |g_i(b)|`` (removing b from T_i costs
+    task i more than it helps task k; what the ``gated`` variant skips).
+    """
+    specs = [s for _, s in leaves_with_paths(classify(pretrained, roles), is_leaf=is_spec)]
+    base_leaves = jax.tree.leaves(pretrained)
+    paths = [p for p, _ in leaves_with_paths(pretrained)]
+    task_leaves = [jax.tree.leaves(t) for t in finetuned]
+    stat_leaves = [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
+    num = len(finetuned)
+    counts = np.zeros((num, 4))  # nonpositive, directions, negative pair terms, pair terms
+    for j, base in enumerate(base_leaves):
+        if specs[j].role is not Role.LINEAR:
+            continue
+        base = jnp.asarray(base, jnp.float32)
+        tvs = jnp.stack([jnp.asarray(t[j], jnp.float32) - base for t in task_leaves])
+        leaf = LeafInput(paths[j], specs[j], tvs, [s[j] for s in stat_leaves])
+        bases = linear.init(leaf)  # (K, out, c)
+        t = tvs.reshape(num, *specs[j].matrix_shape(tvs.shape[1:]))
+        grams = jnp.stack([jnp.asarray(s[j].gram_matrix(), jnp.float32) for s in stat_leaves])
+        for k in range(num):
+            tb = jnp.einsum("iab,bj->iaj", t, bases[k])  # T_i b_j for every i
+            terms = jnp.einsum("iaj,iab,ibj->ij", tb, grams[k][None] - lam * grams, tb)  # (K, c)
+            terms = np.asarray(terms, np.float64)
+            terms = np.delete(terms, k, axis=0)
+            net, gross = terms.sum(0), np.abs(terms).sum(0)
+            # float32 rounding makes exact zeros (b in a null space) come out as ±tiny: compare against the gross
+            counts[k] += [np.sum(net <= 1e-6 * gross), net.size, np.sum(terms < -1e-6 * gross), terms.size]
+    return [{"nonpositive_directions": float(a / max(b, 1)), "negative_pair_terms": float(cn / max(d, 1))}
+            for a, b, cn, d in counts]
 
 
 def gated_linear_projection(lam: float = 5.0, c: int = 3) -> Trimmer:
