@@ -63,7 +63,9 @@ class KrylovConfig(NamedTuple):
 
 def krylov_config(c: int, n: int, **overrides) -> KrylovConfig:
     """A default :class:`KrylovConfig` for ``c`` vectors of an ``n × n`` problem."""
-    block = max(2 * c, c + 6, 8)
+    # 16 columns: fewer sequential steps of fatter products than 8–9 (measured 1.3–1.6× faster on CAT's G_k at
+    # out = 768 and 3072, with the same convergence).
+    block = max(2 * c, c + 6, 16)
     # A basis of at most ~200 columns (and never more than n) keeps the Rayleigh–Ritz step negligible.
     cfg = KrylovConfig(block=block, steps=max(1, min(max(8, 192 // block), n // block - 1)))
     return cfg._replace(**overrides)

@@ -32,7 +32,6 @@ MODELS = {  # blocks, width, mlp, tokens per image, heads
     "l14": (24, 1024, 4096, 257, 16),
     "quick": (2, 128, 512, 16, 4),
 }
-LINEARS = ("query", "key", "value", "out", "fc1", "fc2")
 
 
 def block_shapes(width: int, mlp: int) -> dict[str, tuple[int, ...]]:
@@ -290,7 +289,7 @@ def main(argv=None) -> int:
                 worst, worst_path = err, path
         print(f"\nagreement: max relative error per leaf {worst:.2e} ({worst_path}); relative to the merged update "
               f"α·ΣT̃: {worst_update:.2e}; torch eigh time {tt['eigh']:.2f} s of {tt['bases']:.2f} s bases")
-    print(f"\n| stage | JAX batched (s) | PyTorch reference (s) | ratio |\n|---|---|---|---|")
+    print("\n| stage | JAX batched (s) | PyTorch reference (s) | ratio |\n|---|---|---|---|")
     for label, jax_s, torch_s in rows:
         ratio = f"{torch_s / jax_s:.1f}×" if torch_s is not None and jax_s > 0 else "–"
         t = f"{torch_s:.2f}" if torch_s is not None else "–"

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from experiments.bench_merge import LINEARS, block_shapes as block_entries  # noqa: E402
+from experiments.bench_merge import block_shapes as block_entries  # noqa: E402
 
 
 def generate(args) -> None:

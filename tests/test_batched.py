@@ -63,7 +63,12 @@ def test_iterative_paths_equal_cat_merge_and_gram_form():
 
 
 def test_plan_prefers_cheap_forms():
-    assert plan_linear(8, 768, 3072, 3, rows=150).strategy == "matrix_free"
+    # ViT-B/32 MLP-up with 3 × 50 exemplar tokens: building G_k from X_k T_i rows beats the thin matrix-free products
+    assert plan_linear(8, 768, 3072, 3, rows=150)[:3] == ("rows", "explicit", "iterative")
+    # very wide layers with many rows: never form the 16384² G_k
+    assert plan_linear(8, 1024, 16384, 3, rows=1200).strategy == "matrix_free"
+    # few rows: the exact small eigenproblem in range(Zᵀ)
+    assert plan_linear(8, 1024, 16384, 3, rows=50).strategy == "low_rank"
     assert plan_linear(8, 768, 3072, 3, rows=None).form == "gram"
     assert plan_linear(8, 64, 64, 3, rows=16).solver == "eigh"
     assert plan_linear(8, 4096, 1024, 3, rows=150, solver="eigh").solver == "eigh"
