@@ -222,3 +222,18 @@ def test_joint_mode_is_permutation_equivariant(K, seed, perm_seed):
         masks_p = cm.cat_scale_masks(jnp.asarray(T[perm, 0, :]), jnp.asarray(S[perm]), lam=1.0, c=2)
     np.testing.assert_allclose(out_p, out[perm], rtol=1e-6, atol=1e-9)
     np.testing.assert_array_equal(np.asarray(masks_p), np.asarray(masks)[perm])
+
+
+@settings(max_examples=30, deadline=None)
+@given(K=st.integers(1, 6), d_in=st.integers(1, 6), d_out=st.integers(1, 9), c=st.integers(0, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_factored_sequential_projection_equals_the_loop(K, d_in, d_out, c, seed):
+    # apply_cat_linear applies Π_{k≠i} (I − B_k B_kᵀ) in k order as one factored I − U M Uᵀ; the bases of different
+    # tasks overlap (no orthogonality between tasks), so any ordering mistake would show.
+    c = min(c, d_out)
+    rng = np.random.default_rng(seed)
+    T = rng.normal(size=(K, d_in, d_out))
+    B = np.stack([np.linalg.qr(rng.normal(size=(d_out, d_out)))[0][:, :c] for _ in range(K)])
+    with jax.enable_x64(True):
+        got = np.asarray(cm.apply_cat_linear(jnp.asarray(T), jnp.asarray(B)))
+    np.testing.assert_allclose(got, np.stack(ref.apply_linear_sequential(list(T), list(B))), rtol=1e-10, atol=1e-10)
