@@ -31,21 +31,35 @@ def trimmed_task_vectors(pretrained: PyTree, finetuned: Sequence[PyTree], stats:
     Needed where tasks get different scales (the conflict map) and to measure what trimming removes.
     """
     validate_inputs(pretrained, finetuned, stats)
-    specs = [s for _, s in leaves_with_paths(classify(pretrained, roles), is_leaf=is_spec)]
-    base_leaves, treedef = jax.tree.flatten(pretrained)
-    paths = [p for p, _ in leaves_with_paths(pretrained)]
-    task_leaves = [jax.tree.leaves(t) for t in finetuned]
-    stat_leaves = None if stats is None else [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
     per_task: list[list[jax.Array]] = [[] for _ in finetuned]
-    for j, base in enumerate(base_leaves):
-        base = jnp.asarray(base, jnp.float32)
-        tvs = jnp.stack([jnp.asarray(t[j], jnp.float32) - base for t in task_leaves])
-        leaf = LeafInput(paths[j], specs[j], tvs, None if stat_leaves is None else [s[j] for s in stat_leaves])
-        trimmer = trimmers.get(specs[j].role, identity_trimmer())
+    for leaf in leaf_inputs(pretrained, finetuned, stats, roles=roles):
+        trimmer = trimmers.get(leaf.spec.role, identity_trimmer())
         trimmed = trimmer.apply(leaf, trimmer.init(leaf))
         for i in range(len(finetuned)):
             per_task[i].append(trimmed[i])
-    return [jax.tree.unflatten(treedef, leaves) for leaves in per_task]
+    return [jax.tree.unflatten(jax.tree.structure(pretrained), leaves) for leaves in per_task]
+
+
+def leaf_inputs(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree] | None, *,
+                roles: Any = None):
+    """Every leaf as the :class:`LeafInput` a trimmer sees (float32 task vectors, each task's statistics)."""
+    specs = [s for _, s in leaves_with_paths(classify(pretrained, roles), is_leaf=is_spec)]
+    paths = [p for p, _ in leaves_with_paths(pretrained)]
+    task_leaves = [jax.tree.leaves(t) for t in finetuned]
+    stat_leaves = None if stats is None else [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
+    for j, base in enumerate(jax.tree.leaves(pretrained)):
+        base = jnp.asarray(base, jnp.float32)
+        tvs = jnp.stack([jnp.asarray(t[j], jnp.float32) - base for t in task_leaves])
+        yield LeafInput(paths[j], specs[j], tvs, None if stat_leaves is None else [s[j] for s in stat_leaves])
+
+
+def pair_terms(task_matrices: jax.Array, grams: jax.Array, basis: jax.Array, k: int, lam: float) -> jax.Array:
+    """``g_i(b_j) = b_jᵀT_iᵀ(A_k − λA_i)T_i b_j`` for every task i and column j of task k's basis: ``(K, c)``.
+
+    Their sum over i ≠ k is b_j's eigenvalue of ``G_k`` (the paper's objective for removing b_j).
+    """
+    tb = jnp.einsum("iab,bj->iaj", task_matrices, basis)  # T_i b_j for every i
+    return jnp.einsum("iaj,iab,ibj->ij", tb, grams[k][None] - lam * grams, tb)
 
 
 def removed_energy(pretrained: PyTree, finetuned: Sequence[PyTree], trimmed: Sequence[PyTree],
@@ -187,27 +201,16 @@ def removal_diagnostics(pretrained: PyTree, finetuned: Sequence[PyTree], stats: 
     ``negative_pair_terms`` — share of (b, i) with ``g_i(b) < −1e-6 · Σ_i |g_i(b)|`` (removing b from T_i costs
     task i more than it helps task k; what the ``gated`` variant skips).
     """
-    specs = [s for _, s in leaves_with_paths(classify(pretrained, roles), is_leaf=is_spec)]
-    base_leaves = jax.tree.leaves(pretrained)
-    paths = [p for p, _ in leaves_with_paths(pretrained)]
-    task_leaves = [jax.tree.leaves(t) for t in finetuned]
-    stat_leaves = [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
     num = len(finetuned)
     counts = np.zeros((num, 4))  # nonpositive, directions, negative pair terms, pair terms
-    for j, base in enumerate(base_leaves):
-        if specs[j].role is not Role.LINEAR:
+    for leaf in leaf_inputs(pretrained, finetuned, stats, roles=roles):
+        if leaf.spec.role is not Role.LINEAR:
             continue
-        base = jnp.asarray(base, jnp.float32)
-        tvs = jnp.stack([jnp.asarray(t[j], jnp.float32) - base for t in task_leaves])
-        leaf = LeafInput(paths[j], specs[j], tvs, [s[j] for s in stat_leaves])
         bases = linear.init(leaf)  # (K, out, c)
-        t = tvs.reshape(num, *specs[j].matrix_shape(tvs.shape[1:]))
-        grams = jnp.stack([jnp.asarray(s[j].gram_matrix(), jnp.float32) for s in stat_leaves])
+        t = leaf.task_vectors.reshape(num, *leaf.spec.matrix_shape(leaf.task_vectors.shape[1:]))
+        grams = jnp.stack([jnp.asarray(s.gram_matrix(), jnp.float32) for s in leaf.stats])
         for k in range(num):
-            tb = jnp.einsum("iab,bj->iaj", t, bases[k])  # T_i b_j for every i
-            terms = jnp.einsum("iaj,iab,ibj->ij", tb, grams[k][None] - lam * grams, tb)  # (K, c)
-            terms = np.asarray(terms, np.float64)
-            terms = np.delete(terms, k, axis=0)
+            terms = np.delete(np.asarray(pair_terms(t, grams, bases[k], k, lam), np.float64), k, axis=0)
             net, gross = terms.sum(0), np.abs(terms).sum(0)
             # float32 rounding makes exact zeros (b in a null space) come out as ±tiny: compare against the gross
             counts[k] += [np.sum(net <= 1e-6 * gross), net.size, np.sum(terms < -1e-6 * gross), terms.size]
@@ -232,15 +235,15 @@ def gated_linear_projection(lam: float = 5.0, c: int = 3) -> Trimmer:
         t = leaf.task_vectors.reshape(shape[0], *leaf.spec.matrix_shape(shape[1:]))
         grams = jnp.stack([jnp.asarray(s.gram_matrix(), t.dtype) for s in leaf.stats])  # (K, in, in)
         num = t.shape[0]
+        # scores[k][i, j]: the per-pair term of b_j ∈ B_k for T_i, from the original task vectors
+        scores = [pair_terms(t, grams, bases[k], k, lam) for k in range(num)]
         out = []
         for i in range(num):
             ti = t[i]
             for k in range(num):
                 if k == i:
                     continue
-                tb = t[i] @ bases[k]  # (in, c): T_i b_j, from the original T_i
-                score = jnp.einsum("aj,ab,bj->j", tb, grams[k] - lam * grams[i], tb)
-                b = bases[k] * (score > 0)[None, :]
+                b = bases[k] * (scores[k][i] > 0)[None, :]
                 ti = ti - (ti @ b) @ b.T
             out.append(ti)
         return jnp.stack(out).reshape(shape)
