@@ -46,7 +46,7 @@ from catmerge_jax.linalg import (block_krylov_top, choose_solver, eigh_flops, ei
                                  krylov_flops, map_batch, MIN_ITERATIVE_N)
 from catmerge_jax.roles import Overrides, Role, classify, is_spec
 from catmerge_jax.stats import is_leaf_stats
-from catmerge_jax.tree import PyTree, leaves_with_paths
+from catmerge_jax.tree import PyTree, is_concrete, leaves_with_paths
 
 __all__ = ["LinearPlan", "plan_linear", "linear_group_bases", "linear_group_apply", "cat_merge_batched"]
 
@@ -201,6 +201,14 @@ def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, p
     if c == 0:
         return jnp.zeros(tvs.shape[:2] + (tvs.shape[-1], 0), tvs.dtype)
     bases, converged = _group_bases(tvs, data, lam, c=c, plan=plan, batch_mode=batch_mode, min_gap=min_gap)
+    if plan.solver == "eigh":  # exact solves: nothing to check or redo
+        if counts is not None:
+            counts["solves"] = counts.get("solves", 0) + (tvs.shape[0] if valid_layers is None else valid_layers) \
+                * tvs.shape[1]
+        return bases
+    if not is_concrete(converged):
+        raise ValueError("solver='iterative' decides its eigh fallbacks on the host and needs concrete inputs; "
+                         "under jax.jit/vmap/grad use solver='eigh' (the default there)")
     bad = np.argwhere(~np.asarray(converged))
     real = tvs.shape[0] if valid_layers is None else valid_layers
     bad = bad[bad[:, 0] < real]
@@ -227,7 +235,7 @@ def linear_group_apply(tvs: jax.Array, bases: jax.Array, *, joint: bool = False)
 
 
 class _LinearLeaf(NamedTuple):
-    index: int
+    index: tuple[int, int]  # (leaf, layer within the leaf)
     shape: tuple[int, ...]
     tvs: jax.Array  # (K, in, out)
     form: str
@@ -305,40 +313,36 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
       The merged params (same structure and dtypes as ``pretrained``).
     """
     t_start = time.perf_counter()
-    cat._check_hparams(alpha, lam)
-    cat.validate_inputs(pretrained, finetuned, stats)
-    table = cat.cat_trimmers(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_c=shift_c, shift_lam=shift_lam,
-                             joint=joint, normalize_by_count=normalize_by_count,
-                             scale_per_row_mean=scale_per_row_mean, rescale_norm=rescale_norm)
-    for role, keep in ((Role.LINEAR, trim_linear), (Role.SCALE, trim_scale), (Role.SHIFT, trim_shift)):
-        if not keep:
-            table[role] = cat.identity_trimmer()
-    specs = classify(pretrained, roles)
-    base_leaves, treedef = jax.tree.flatten(pretrained)
-    paths = [p for p, _ in leaves_with_paths(pretrained)]
-    spec_leaves = [s for _, s in leaves_with_paths(specs, is_leaf=is_spec)]
-    task_leaves = [jax.tree.leaves(t) for t in finetuned]
-    stat_leaves = [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
+    table = cat._cat_table(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_lam=shift_lam, shift_c=shift_c,
+                           joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
+                           rescale_norm=rescale_norm, trim_linear=trim_linear, trim_scale=trim_scale,
+                           trim_shift=trim_shift)
+    cat._check_hparams(alpha, None)
+    cat._warn_if_no_linear(pretrained, roles, trim_linear)
+    inputs = cat.tree_inputs(pretrained, finetuned, stats, roles=roles)
+    # Under jit/vmap/grad the plan stays shape-based, but the iterative solver's acceptance and eigh fallback are
+    # host-side decisions on values: traced merges solve with eigh (or the exact low-rank path).
+    traced = not is_concrete(([leaf.task_vectors for leaf in inputs.leaves], stats, alpha, lam))
+    if traced and solver == "auto":
+        solver = "eigh"
     clock: dict = {"prepare": 0.0, "bases": 0.0, "apply": 0.0, "solves": 0, "fallbacks": 0, "groups": []}
 
-    merged: list[Any] = [None] * len(base_leaves)
     update_by_index: dict[int, jax.Array] = {}  # Σ_i T̃_i per leaf
+    layer_updates: dict[int, dict[int, jax.Array]] = {}  # per multi-layer leaf: layer -> Σ_i T̃_i (in, out)
     groups: dict[tuple, list[_LinearLeaf]] = {}
-    for j, base in enumerate(base_leaves):
-        base = jnp.asarray(base)
-        compute = jnp.promote_types(base.dtype, jnp.float32) if jnp.issubdtype(base.dtype, jnp.floating) \
-            else base.dtype
-        tvs = jnp.stack([jnp.asarray(t[j], compute) - base.astype(compute) for t in task_leaves])
-        leaf = cat.LeafInput(paths[j], spec_leaves[j], tvs, [s[j] for s in stat_leaves])
-        if spec_leaves[j].role is Role.LINEAR and trim_linear:
-            mat = tvs.reshape(tvs.shape[0], *spec_leaves[j].matrix_shape(tvs.shape[1:]))
-            cat._check_c(c, mat.shape[-1], paths[j])
-            form, data = cat._gram_inputs(leaf._replace(task_vectors=mat), normalize_by_count)
-            key = (form, mat.shape, data.shape, str(mat.dtype))
-            groups.setdefault(key, []).append(_LinearLeaf(j, tvs.shape, mat, form, data))
+    for j, leaf in enumerate(inputs.leaves):
+        if leaf.spec.role is Role.LINEAR and trim_linear:
+            mats = leaf.spec.matrices(leaf.task_vectors, lead=1)  # (K, layers, in, out)
+            cat._check_c(c, mats.shape[-1], leaf.path)
+            form, data = cat.linear_inputs(leaf, normalize_by_count)  # (K, layers, ...)
+            layer_updates[j] = {}
+            for layer in range(mats.shape[1]):
+                key = (form, (mats.shape[0],) + mats.shape[2:], data.shape[:1] + data.shape[2:], str(mats.dtype))
+                groups.setdefault(key, []).append(_LinearLeaf((j, layer), leaf.task_vectors.shape, mats[:, layer],
+                                                              form, data[:, layer]))
         else:
             t0 = time.perf_counter()
-            trimmer = table.get(spec_leaves[j].role, cat.identity_trimmer())
+            trimmer = table.get(leaf.spec.role, cat.identity_trimmer())
             update_by_index[j] = trimmer.apply(leaf, trimmer.init(leaf)).sum(0)
             clock["bases"] += time.perf_counter() - t0
     clock["prepare"] += time.perf_counter() - t_start - clock["bases"]
@@ -366,26 +370,33 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
             bases = linear_group_bases(tvs, data, lam=lam, c=c, plan=plan, valid_layers=len(chunk),
                                        batch_mode=batch_mode, counts=clock,
                                        min_gap=min_gap)
-            bases.block_until_ready()
+            if not traced:
+                bases.block_until_ready()
             t1 = time.perf_counter()
-            update = _group_update(tvs, bases, joint=joint, rescale_norm=rescale_norm).block_until_ready()
+            update = _group_update(tvs, bases, joint=joint, rescale_norm=rescale_norm)
+            if not traced:
+                update.block_until_ready()
             clock["bases"] += t1 - t0
             clock["apply"] += time.perf_counter() - t1
             if sharded:
                 update = _gather(update)
             for i, m in enumerate(chunk):
-                update_by_index[m.index] = update[i].reshape(m.shape[1:])
+                leaf_index, layer = m.index
+                layer_updates[leaf_index][layer] = update[i]
         clock["groups"].append({"shape": (fan_in, fan_out), "layers": len(members), "form": plan.form,
                                 "strategy": plan.strategy, "solver": plan.solver,
                                 "fallbacks": clock["fallbacks"] - fallbacks_before,
                                 "bases_seconds": clock["bases"] - group_start})
 
     t0 = time.perf_counter()
-    alpha_arr = jnp.asarray(alpha, jnp.float32)
-    for j, base in enumerate(base_leaves):
-        merged[j] = _combine(jnp.asarray(base), update_by_index[j], alpha_arr)
-    jax.block_until_ready(merged)
+    for j, parts in layer_updates.items():
+        stacked = jnp.stack([parts[layer] for layer in range(len(parts))])  # (layers, in, out)
+        update_by_index[j] = inputs.leaves[j].spec.from_matrices(stacked, inputs.leaves[j].task_vectors.shape[1:])
+    alpha_arr = jnp.asarray(alpha)
+    merged = [_combine(base, update_by_index[j], alpha_arr) for j, base in enumerate(inputs.bases)]
+    if not traced:
+        jax.block_until_ready(merged)
     clock["apply"] += time.perf_counter() - t0
     if timings is not None:
         timings.update(clock)
-    return jax.tree.unflatten(treedef, merged)
+    return inputs.rebuild(jax.tree.unflatten(inputs.treedef, merged))

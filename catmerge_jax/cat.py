@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -44,9 +45,9 @@ import numpy as np
 
 from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, TreeMismatchError
 from catmerge_jax.linalg import top_eigenvectors
-from catmerge_jax.roles import LeafSpec, Overrides, Role, classify, is_spec
+from catmerge_jax.roles import LeafSpec, Overrides, Role, check_spec, classify, is_spec, with_stacking
 from catmerge_jax.stats import LeafStats, check_stats, is_leaf_stats
-from catmerge_jax.tree import PyTree, check_finite, check_same_structure, leaves_with_paths
+from catmerge_jax.tree import PyTree, check_finite, check_same_structure, is_tracer, leaves_with_paths
 
 # --------------------------------------------------------------------------------------------------------------
 # Per-layer operators. Pure functions of stacked (K, ...) arrays; jitted with the basis/mask size static.
@@ -329,12 +330,17 @@ def _check_c(c: int, dim: int, path: str) -> None:
 
 
 def _stat_arrays(leaf: LeafInput, field: str) -> list[Any]:
+    """Each task's statistic ``field`` of this leaf; a clear error when one is missing.
+
+    The presence check is structural (works under ``jit``); a zero row count is caught when counts are concrete.
+    """
     if leaf.stats is None:
         raise MissingStatisticsError(f"leaf '{leaf.path}': needs exemplar statistics, none given")
     values = []
     for k, s in enumerate(leaf.stats):
         value = getattr(s, field) if field != "linear" else (s if s.has_linear else None)
-        if value is None or float(np.asarray(s.count if s.count is not None else 0)) <= 0:
+        empty = s.count is None or (not is_tracer(s.count) and float(np.max(np.asarray(s.count), initial=0)) <= 0)
+        if value is None or empty:
             raise MissingStatisticsError(
                 f"leaf '{leaf.path}': task {k} has no {'input rows/Gram' if field == 'linear' else field} statistics "
                 f"(was the layer in the forward path of the exemplars?)")
@@ -342,33 +348,85 @@ def _stat_arrays(leaf: LeafInput, field: str) -> list[Any]:
     return values
 
 
-def _gram_inputs(leaf: LeafInput, normalize: bool) -> tuple[str, jax.Array]:
-    """``("rows", (K, n_max, in))`` when every task stores few rows, else ``("gram", (K, in, in))``."""
+def _per_layer(x: Any, spec: LeafSpec, trailing: int) -> jax.Array:
+    """A statistic with the leaf's stack axes leading, ``(*stack, *rest)`` → ``(layers, *rest)``.
+
+    ``trailing`` is the number of per-layer axes; output blocks of a fused projection share their input, so the
+    statistic repeats for each block (layer index = stack index · blocks + block, as ``LeafSpec.matrices``).
+    """
+    x = jnp.asarray(x)
+    rest = x.shape[x.ndim - trailing:] if trailing else ()
+    x = x.reshape((-1,) + tuple(rest))
+    return jnp.repeat(x, spec.out_blocks, axis=0) if spec.out_blocks > 1 else x
+
+
+def _row_counts(leaf: LeafInput, per_task: Sequence[LeafStats]) -> list[jax.Array]:
+    return [_per_layer(s.count, leaf.spec, 0) for s in per_task]
+
+
+def linear_inputs(leaf: LeafInput, normalize: bool = False) -> tuple[str, jax.Array]:
+    """Each task's layer inputs per layer of a LINEAR leaf, in the cheaper form.
+
+    Returns:
+      ``("rows", (K, layers, n_max, in))`` when every task stores rows and ``n_max < in`` (tasks with fewer
+      rows are zero-padded; zero rows add nothing), else ``("gram", (K, layers, in, in))``. With
+      ``normalize``, each task's rows/Gram are divided by its row count (per-row means).
+    """
     per_task = _stat_arrays(leaf, "linear")
-    fan_in = leaf.task_vectors.shape[1]
-    counts = [float(np.asarray(s.count)) for s in per_task]
+    fan_in = leaf.spec.matrix_shape(leaf.task_vectors.shape[1:])[0]
+    dtype = leaf.task_vectors.dtype
     for k, s in enumerate(per_task):
         got = (np.shape(s.gram) if s.gram is not None else np.shape(s.rows))[-1]
         if got != fan_in:
             raise TreeMismatchError(f"leaf '{leaf.path}': task {k} statistics have input dimension {got}, the kernel "
                                     f"expects {fan_in}")
-    scale = [1.0 / n if normalize else 1.0 for n in counts]
-    dtype = np.dtype(leaf.task_vectors.dtype)
+    counts = _row_counts(leaf, per_task)
     if all(s.rows is not None for s in per_task):
-        n_max = max(np.shape(s.rows)[0] for s in per_task)
+        n_max = max(np.shape(s.rows)[-2] for s in per_task)
         if n_max < fan_in:
-            rows = np.zeros((len(per_task), n_max, fan_in), dtype)
-            for k, s in enumerate(per_task):
-                r = np.asarray(s.rows, dtype)
-                rows[k, : r.shape[0]] = r * np.sqrt(scale[k])
-            return "rows", jnp.asarray(rows)
-    grams = jnp.stack([jnp.asarray(s.gram_matrix(), dtype) * scale[k] for k, s in enumerate(per_task)])
-    return "gram", grams
+            rows = []
+            for s, n in zip(per_task, counts):
+                r = _per_layer(s.rows, leaf.spec, 2).astype(dtype)
+                if normalize:
+                    r = r / jnp.sqrt(n.astype(dtype))[:, None, None]
+                rows.append(jnp.pad(r, ((0, 0), (0, n_max - r.shape[1]), (0, 0))))
+            return "rows", jnp.stack(rows)
+    grams = []
+    for s, n in zip(per_task, counts):
+        if s.gram is not None:
+            g = _per_layer(s.gram, leaf.spec, 2).astype(dtype)
+        else:
+            r = _per_layer(s.rows, leaf.spec, 2).astype(dtype)
+            g = jnp.einsum("lna,lnb->lab", r, r)
+        grams.append(g / n.astype(dtype)[:, None, None] if normalize else g)
+    return "gram", jnp.stack(grams)
+
+
+def _gram_inputs(leaf: LeafInput, normalize: bool) -> tuple[str, jax.Array]:
+    """:func:`linear_inputs` of a single-layer leaf whose task vectors are already ``(K, in, out)`` matrices."""
+    spec = LeafSpec(Role.LINEAR, in_axes=1)
+    form, data = linear_inputs(leaf._replace(spec=spec), normalize)
+    return form, data[:, 0]
+
+
+def _single_layer(spec: LeafSpec) -> bool:
+    return spec.stack_axes == 0 and spec.out_blocks == 1
+
+
+def _stop(x: Any) -> Any:
+    # Bases and masks are piecewise-constant or eigenspace functions of the task vectors: their derivative does
+    # not exist at eigenvalue ties (e.g. the null space when a task has fewer rows than inputs) and eigh's
+    # gradient is NaN there. Gradients flow through the trimming (T_i − T_i B Bᵀ) with the bases held fixed.
+    return jax.lax.stop_gradient(x)
 
 
 def linear_projection(lam: float = 5.0, c: int = 3, *, joint: bool = False,
                       normalize_by_count: bool = False) -> Trimmer:
     """The paper's linear-weight trimming (eq. 11) for LINEAR leaves.
+
+    The state is the bases ``(K, out, c)`` for a single-layer leaf, ``(layers, K, out, c)`` for a stacked leaf
+    or a fused projection (``LeafSpec.stack_axes`` / ``out_blocks``: every layer and block has its own bases).
+    The bases are computed without gradient (see :func:`cat_trim`).
 
     Args:
       lam: λ ≥ 0.
@@ -378,49 +436,54 @@ def linear_projection(lam: float = 5.0, c: int = 3, *, joint: bool = False,
     """
 
     def init(leaf: LeafInput) -> jax.Array:
-        num_tasks = leaf.task_vectors.shape[0]
-        t = leaf.task_vectors.reshape(num_tasks, *leaf.spec.matrix_shape(leaf.task_vectors.shape[1:]))
+        t = _stop(leaf.spec.matrices(leaf.task_vectors, lead=1))  # (K, L, in, out)
         _check_c(c, t.shape[-1], leaf.path)
-        form, data = _gram_inputs(leaf._replace(task_vectors=t), normalize_by_count)
-        if form == "rows":
-            return cat_linear_bases_from_rows(t, data, lam=lam, c=c)
-        return cat_linear_bases(t, data, lam=lam, c=c)
+        form, data = linear_inputs(leaf, normalize_by_count)
+        solve = cat_linear_bases_from_rows if form == "rows" else cat_linear_bases
+        bases = jax.vmap(lambda tl, dl: solve(tl, dl, lam=_stop(lam), c=c), in_axes=(1, 1))(t, _stop(data))
+        return bases[0] if _single_layer(leaf.spec) else bases
 
     def apply(leaf: LeafInput, bases: jax.Array) -> jax.Array:
-        shape = leaf.task_vectors.shape
-        t = leaf.task_vectors.reshape(shape[0], *leaf.spec.matrix_shape(shape[1:]))
-        trimmed = (apply_cat_linear_joint if joint else apply_cat_linear)(t, bases)
-        return trimmed.reshape(shape)
+        t = leaf.spec.matrices(leaf.task_vectors, lead=1)  # (K, L, in, out)
+        bases = bases[None] if _single_layer(leaf.spec) else bases
+        trim = apply_cat_linear_joint if joint else apply_cat_linear
+        trimmed = jax.vmap(trim, in_axes=(1, 0), out_axes=1)(t, bases)
+        return leaf.spec.from_matrices(trimmed, leaf.task_vectors.shape[1:])
 
     return Trimmer(init, apply)
 
 
 def _flat(leaf: LeafInput) -> jax.Array:
-    return leaf.task_vectors.reshape(leaf.task_vectors.shape[0], -1)
+    """``(K, layers, d)``: the task vectors of a SCALE/SHIFT leaf per layer."""
+    return leaf.spec.vectors(leaf.task_vectors, lead=1)
 
 
 def _mask_apply(leaf: LeafInput, masks: jax.Array) -> jax.Array:
-    return apply_cat_masks(_flat(leaf), masks).reshape(leaf.task_vectors.shape)
+    num = leaf.task_vectors.shape[0]
+    return apply_cat_masks(leaf.task_vectors.reshape(num, -1), masks.reshape(num, -1)).reshape(
+        leaf.task_vectors.shape)
 
 
 def scale_masking(lam: float = 5.0, c: int = 3, *, per_row_mean: bool = False) -> Trimmer:
-    """The paper's norm-scale trimming (eq. 14) for SCALE leaves.
+    """The paper's norm-scale trimming (eq. 14) for SCALE leaves (per layer for stacked leaves).
 
     ``per_row_mean`` scores with ``s_k / n_k`` (the authors' code reportedly uses a per-token mean).
     """
 
     def init(leaf: LeafInput) -> jax.Array:
-        t = _flat(leaf)
+        t = _stop(_flat(leaf))  # (K, L, d)
         _check_c(c, t.shape[-1], leaf.path)
         sums = _stat_arrays(leaf, "sq_sum")
-        counts = [float(np.asarray(s.count)) for s in leaf.stats]
-        for k, s in enumerate(sums):
-            if np.size(s) != t.shape[-1]:
-                raise TreeMismatchError(f"leaf '{leaf.path}': task {k} sq_sum has {np.size(s)} entries, expected "
-                                        f"{t.shape[-1]}")
-        sq = jnp.stack([jnp.asarray(s, t.dtype).reshape(-1) / (n if per_row_mean else 1.0)
-                        for s, n in zip(sums, counts)])
-        return cat_scale_masks(t, sq, lam=lam, c=c)
+        size = int(np.prod(leaf.task_vectors.shape[1:], dtype=np.int64))
+        for k, sq in enumerate(sums):
+            if np.size(sq) * leaf.spec.out_blocks != size:
+                raise TreeMismatchError(f"leaf '{leaf.path}': task {k} sq_sum has {np.size(sq)} entries, expected "
+                                        f"{size}")
+        counts = _row_counts(leaf, leaf.stats)
+        sq = jnp.stack([_per_layer(s, leaf.spec, 1).reshape(t.shape[1:]).astype(t.dtype)
+                        / (n.astype(t.dtype)[:, None] if per_row_mean else 1.0) for s, n in zip(sums, counts)])
+        return jax.vmap(lambda tl, sl: cat_scale_masks(tl, sl, lam=_stop(lam), c=c), in_axes=(1, 1),
+                        out_axes=1)(t, _stop(sq))
 
     return Trimmer(init, _mask_apply)
 
@@ -429,12 +492,14 @@ def shift_masking(c: int = 3, *, lam: float | None = None) -> Trimmer:
     """Shift trimming for SHIFT leaves: the paper's balanced rule, or with ``lam`` the count-weighted eq. 17."""
 
     def init(leaf: LeafInput) -> jax.Array:
-        t = _flat(leaf)
+        t = _stop(_flat(leaf))  # (K, L, d)
         _check_c(c, t.shape[-1], leaf.path)
         if lam is None:
-            return cat_shift_masks(t, c=c)
-        counts = jnp.asarray([float(np.asarray(s.count)) for s in _stat_arrays(leaf, "count")])
-        return cat_shift_masks(t, c=c, counts=counts, lam=lam)
+            return jax.vmap(lambda tl: cat_shift_masks(tl, c=c), in_axes=1, out_axes=1)(t)
+        _stat_arrays(leaf, "count")
+        counts = jnp.stack(_row_counts(leaf, leaf.stats)).astype(t.dtype)  # (K, L)
+        return jax.vmap(lambda tl, nl: cat_shift_masks(tl, c=c, counts=nl, lam=_stop(lam)), in_axes=(1, 1),
+                        out_axes=1)(t, _stop(counts))
 
     return Trimmer(init, _mask_apply)
 
@@ -508,30 +573,74 @@ def cat_trimmers(lam: float = 5.0, c: int = 3, *, scale_lam: float | None = None
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_hparams(alpha: Any, lam: Any) -> None:
-    for name, value in (("alpha", alpha), ("lam", lam)):
-        if value is None:
+def check_scalar(name: str, value: Any, *, minimum: float | None = None, allow_tree: bool = False) -> None:
+    """Check a real hyperparameter: numeric, finite and ``>= minimum``; one-line :class:`HyperparameterError`.
+
+    A traced value (inside ``jit``/``vmap``/``grad``) is checked for being a real number type only; its value
+    does not exist at trace time, so the finiteness and range checks run only on concrete inputs.
+    ``allow_tree`` accepts a pytree of coefficients (per-leaf alphas) and checks each leaf.
+    """
+    if value is None:
+        return
+    leaves = jax.tree.leaves(value) if allow_tree else [value]
+    for v in leaves:
+        if isinstance(v, bool) or not (isinstance(v, (int, float, np.number)) or hasattr(v, "dtype")):
+            raise HyperparameterError(f"{name} must be a real number, got {v!r} ({type(v).__name__})")
+        dtype = np.dtype(getattr(v, "dtype", np.float64))
+        if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)) or dtype == np.bool_:
+            raise HyperparameterError(f"{name} must be a real number, got an array of dtype {dtype}")
+        if is_tracer(v):
             continue
-        if not np.isfinite(float(value)):
-            raise HyperparameterError(f"{name} must be finite, got {value}")
-    if lam is not None and float(lam) < 0:
-        raise HyperparameterError(f"lam must be >= 0, got {lam}")
+        arr = np.asarray(v, np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise HyperparameterError(f"{name} must be finite, got {v}")
+        if minimum is not None and np.any(arr < minimum):
+            raise HyperparameterError(f"{name} must be >= {minimum}, got {v}")
+
+
+def _check_hparams(alpha: Any, lam: Any) -> None:
+    check_scalar("alpha", alpha, allow_tree=True)
+    check_scalar("lam", lam, minimum=0.0)
+
+
+def finetuned_list(finetuned: Any) -> list[PyTree]:
+    """``finetuned`` as a list of K trees; a clear error when a single tree is passed instead of a list."""
+    if isinstance(finetuned, (list, tuple)) and not hasattr(finetuned, "_fields"):
+        return list(finetuned)
+    raise TreeMismatchError(f"finetuned must be a list of K fine-tuned parameter trees (one per task), got a single "
+                            f"{type(finetuned).__name__}; for one task pass [finetuned]")
 
 
 def validate_inputs(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree] | None = None) -> None:
-    """Check K ≥ 1, matching trees, finite weights and statistics; raise naming the offending leaf."""
+    """Check K ≥ 1, matching trees, finite weights and statistics; raise naming the offending leaf.
+
+    Structure and shapes are always checked. Float leaves may differ in dtype between the base and a
+    fine-tuned tree (bf16 task models over an fp32 base are merged in the base's dtype); non-float leaves may
+    not. NaN/Inf checks run on concrete values only: under ``jax.jit``/``vmap``/``grad`` the values do not
+    exist at trace time and those checks are skipped (run the eager call, or ``jax.experimental.checkify``
+    around your own code, to check traced values).
+    """
+    finetuned = finetuned_list(finetuned)
     if len(finetuned) < 1:
         raise HyperparameterError("need at least one fine-tuned model (K >= 1), got K = 0")
     check_finite(pretrained, what="pretrained")
+    base_leaves = leaves_with_paths(pretrained)
     for k, tree in enumerate(finetuned):
-        check_same_structure(pretrained, tree, what=f"finetuned[{k}]")
+        check_same_structure(pretrained, tree, what=f"finetuned[{k}]", check_dtype=False)
+        for (path, x), y in zip(base_leaves, jax.tree.leaves(tree)):
+            dx, dy = jnp.result_type(x), jnp.result_type(y)
+            if dx != dy and not (jnp.issubdtype(dx, jnp.inexact) and jnp.issubdtype(dy, jnp.inexact)):
+                raise TreeMismatchError(f"finetuned[{k}]: leaf '{path}' has dtype {dy}, expected {dx}")
         check_finite(tree, what=f"finetuned[{k}]")
     if stats is None:
         return
+    if not isinstance(stats, (list, tuple)):
+        raise MissingStatisticsError(f"stats must be a list of K statistics trees (one per task), got "
+                                     f"{type(stats).__name__}")
     if len(stats) != len(finetuned):
         raise MissingStatisticsError(f"got statistics for {len(stats)} task(s) but {len(finetuned)} fine-tuned "
                                      "model(s); need one stats tree per task")
-    param_paths = [p for p, _ in leaves_with_paths(pretrained)]
+    param_paths = [p for p, _ in base_leaves]
     for k, s in enumerate(stats):
         stat_paths = [p for p, _ in leaves_with_paths(s, is_leaf=is_leaf_stats)]
         if stat_paths != param_paths:
@@ -541,66 +650,253 @@ def validate_inputs(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequ
         check_stats(s, what=f"stats[{k}]")
 
 
+class ParamsView(NamedTuple):
+    """A merge input seen as a plain params pytree: ``params``, the roles its module types imply (``None`` for
+    plain trees) and ``rebuild(params) -> the same kind of object`` (an equinox or nnx module, or the tree)."""
+
+    params: PyTree
+    roles: Mapping[str, LeafSpec] | None
+    rebuild: Callable[[PyTree], Any]
+
+
+def params_view(obj: Any) -> ParamsView:
+    """``obj`` (linen params, nnx ``State`` or ``Module``, equinox ``Module``, any pytree) as a :class:`ParamsView`."""
+    try:
+        from catmerge_jax.modules import split_params
+    except ImportError:  # pragma: no cover - modules.py is part of the package
+        return ParamsView(obj, None, lambda p: p)
+    view = split_params(obj)
+    return ParamsView(*view)
+
+
+def _combined_roles(module_roles: Mapping[str, LeafSpec] | None, user: Overrides) -> Overrides:
+    """User overrides first, then the roles the module types imply, then the path defaults."""
+    if not module_roles:
+        return user
+    from catmerge_jax.roles import lookup_override
+
+    def pick(path: str, leaf: Any):
+        chosen = lookup_override(user, path, leaf)
+        return module_roles.get(path) if chosen is None else chosen
+
+    return pick
+
+
+class TreeInputs(NamedTuple):
+    """Every leaf of a merge, ready for the per-leaf rules (see :func:`tree_inputs`)."""
+
+    leaves: list[LeafInput]  # one per params leaf, task vectors (K, *shape) in the compute dtype
+    bases: list[jax.Array]   # W0 leaves
+    treedef: Any
+    rebuild: Callable[[PyTree], Any]
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def tree_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTree] | None = None, *,
+                roles: Overrides = None) -> TreeInputs:
+    """Validate the inputs of a merge and give every leaf as a :class:`LeafInput`.
+
+    Accepts linen params, nnx ``State``/``Module`` and equinox ``Module`` trees (roles then come from the module
+    types, overridable by ``roles``). A leaf whose statistics hold per-layer counts (a stacked leaf captured from
+    a scanned model) is read as stacked layers unless its spec says otherwise.
+    """
+    view = params_view(pretrained)
+    fts = [params_view(f).params for f in finetuned_list(finetuned)]
+    validate_inputs(view.params, fts, stats)
+    specs = classify(view.params, _combined_roles(view.roles, roles))
+    base_leaves, treedef = jax.tree.flatten(view.params)
+    paths = [p for p, _ in leaves_with_paths(view.params)]
+    spec_leaves = [sp for _, sp in leaves_with_paths(specs, is_leaf=is_spec)]
+    task_leaves = [jax.tree.leaves(t) for t in fts]
+    stat_leaves = None if stats is None else [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
+    leaves, bases = [], []
+    for j, base in enumerate(base_leaves):
+        base = jnp.asarray(base)
+        compute = _compute_dtype(base.dtype)
+        spec = spec_leaves[j]
+        leaf_stats = None if stat_leaves is None else [s[j] for s in stat_leaves]
+        if leaf_stats and leaf_stats[0].count is not None and np.ndim(leaf_stats[0].count) > 0:
+            spec = with_stacking(spec, base.shape, np.ndim(leaf_stats[0].count))
+            check_spec(paths[j], base.shape, spec)
+        tvs = jnp.stack([jnp.asarray(t[j]).astype(compute) - base.astype(compute) for t in task_leaves])
+        leaves.append(LeafInput(paths[j], spec, tvs, leaf_stats))
+        bases.append(base)
+    return TreeInputs(leaves, bases, treedef, view.rebuild)
+
+
+def _trimmed_leaves(inputs: TreeInputs, trimmers: Mapping[Role, Trimmer], progress: bool, desc: str):
+    identity = identity_trimmer()
+    iterator = inputs.leaves
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=desc, unit="leaf")
+    for leaf in iterator:
+        trimmer = trimmers.get(leaf.spec.role, identity)
+        yield trimmer.apply(leaf, trimmer.init(leaf))
+
+
+def _scaled_sum(base: jax.Array, trimmed: jax.Array, alpha: Any) -> jax.Array:
+    compute = trimmed.dtype
+    return (base.astype(compute) + jnp.asarray(alpha, compute) * trimmed.sum(0)).astype(base.dtype)
+
+
 def merge_with_trimmers(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree] | None,
-                        trimmers: Mapping[Role, Trimmer], *, alpha: float = 0.3, roles: Overrides = None,
+                        trimmers: Mapping[Role, Trimmer], *, alpha: Any = 0.3, roles: Overrides = None,
                         progress: bool = False) -> PyTree:
     """``W0 + α Σ_i T̃_i`` with each leaf's task vectors trimmed by ``trimmers[role of the leaf]``.
 
     Args:
-      pretrained: the params pytree ``W0``.
-      finetuned: K pytrees of the same structure, shapes and dtypes.
+      pretrained: the params pytree ``W0`` (linen dict, nnx ``State``/``Module``, equinox ``Module``, any pytree).
+      finetuned: a list of K pytrees of the same structure and shapes (float dtypes may differ from the base's).
       stats: K statistics trees (:mod:`catmerge_jax.stats`) or None when no trimmer needs them.
       trimmers: ``{Role: Trimmer}``; roles absent from the table use task arithmetic.
-      alpha: merge scale α.
+      alpha: merge scale α (a Python or traced scalar).
       roles: overrides for :func:`catmerge_jax.roles.classify`.
       progress: show a progress bar over leaves.
     Returns:
-      The merged params, same structure and dtypes as ``pretrained``.
+      The merged params, same structure and dtypes as ``pretrained`` (the same kind of object).
     """
-    validate_inputs(pretrained, finetuned, stats)
     _check_hparams(alpha, None)
-    specs = classify(pretrained, roles)
-    base_leaves, treedef = jax.tree.flatten(pretrained)
-    paths = [p for p, _ in leaves_with_paths(pretrained)]
-    spec_leaves = [s for _, s in leaves_with_paths(specs, is_leaf=is_spec)]
-    task_leaves = [jax.tree.leaves(t) for t in finetuned]
-    stat_leaves = None if stats is None else [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
-    identity = identity_trimmer()
-
-    iterator = range(len(base_leaves))
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="CAT merge", unit="leaf")
-    merged = []
-    for j in iterator:
-        base = jnp.asarray(base_leaves[j])
-        compute_dtype = jnp.promote_types(base.dtype, jnp.float32) if jnp.issubdtype(base.dtype, jnp.floating) \
-            else base.dtype
-        tvs = jnp.stack([jnp.asarray(t[j], compute_dtype) - base.astype(compute_dtype) for t in task_leaves])
-        leaf = LeafInput(paths[j], spec_leaves[j], tvs,
-                         None if stat_leaves is None else [s[j] for s in stat_leaves])
-        trimmer = trimmers.get(spec_leaves[j].role, identity)
-        trimmed = trimmer.apply(leaf, trimmer.init(leaf))
-        merged.append((base.astype(compute_dtype) + alpha * trimmed.sum(0)).astype(base.dtype))
-    return jax.tree.unflatten(treedef, merged)
+    inputs = tree_inputs(pretrained, finetuned, stats, roles=roles)
+    merged = [_scaled_sum(base, trimmed, alpha)
+              for base, trimmed in zip(inputs.bases, _trimmed_leaves(inputs, trimmers, progress, "CAT merge"))]
+    return inputs.rebuild(jax.tree.unflatten(inputs.treedef, merged))
 
 
-def cat_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree], *, alpha: float = 0.3,
-              lam: float = 5.0, c: int = 3, roles: Overrides = None, joint: bool = False,
-              rescale_norm: bool = False, scale_lam: float | None = None, scale_c: int | None = None,
-              shift_lam: float | None = None, shift_c: int | None = None, normalize_by_count: bool = False,
-              scale_per_row_mean: bool = False, trim_linear: bool = True, trim_scale: bool = True,
-              trim_shift: bool = True, progress: bool = False, fast: bool = False) -> PyTree:
-    """CAT Merging of K fine-tuned models (paper Algorithm 1); defaults are the paper's rules.
+def trim_with_trimmers(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree] | None,
+                       trimmers: Mapping[Role, Trimmer], *, roles: Overrides = None,
+                       progress: bool = False) -> list[PyTree]:
+    """The K trimmed task-vector trees ``[T̃_1, …, T̃_K]`` (leaves in the compute dtype, at least float32).
+
+    ``combine(pretrained, trimmed, alpha)`` equals :func:`merge_with_trimmers` with the same arguments.
+    """
+    inputs = tree_inputs(pretrained, finetuned, stats, roles=roles)
+    stacks = list(_trimmed_leaves(inputs, trimmers, progress, "CAT trim"))
+    num = len(finetuned_list(finetuned))
+    return [jax.tree.unflatten(inputs.treedef, [t[k] for t in stacks]) for k in range(num)]
+
+
+def combine(pretrained: Any, task_vectors: Sequence[PyTree], coefficients: Any = 1.0) -> Any:
+    """``W0 + Σ_k λ_k ⊙ τ_k``: task vectors added back with task-wise or layer-wise coefficients.
 
     Args:
-      pretrained: ``W0``, any pytree of arrays.
-      finetuned: K fine-tuned pytrees ``W_k`` (same structure, shapes, dtypes).
+      pretrained: ``W0`` (any params pytree or module, as the merges accept).
+      task_vectors: K trees of task vectors (e.g. :func:`cat_trim`'s output or ``cm.task_vectors``).
+      coefficients: a scalar (one α for everything), a ``(K,)`` array (one per task), or a pytree with the
+        params' structure whose leaves are ``(K,)`` arrays or scalars (one per task and leaf, AdaMerging's
+        layer-wise coefficients). Traced values are fine: this is what ``jax.grad`` differentiates.
+    Returns:
+      The merged params in the base's dtypes (the same kind of object as ``pretrained``).
+
+    >>> import jax.numpy as jnp
+    >>> w0 = {"w": jnp.zeros(2)}
+    >>> combine(w0, [{"w": jnp.ones(2)}, {"w": 2 * jnp.ones(2)}], jnp.array([0.5, 0.25]))["w"].tolist()
+    [1.0, 1.0]
+    """
+    view = params_view(pretrained)
+    tvs = finetuned_list(task_vectors)
+    for k, t in enumerate(tvs):
+        check_same_structure(view.params, t, what=f"task_vectors[{k}]", check_dtype=False)
+    num = len(tvs)
+    base_leaves, treedef = jax.tree.flatten(view.params)
+    coef_structure = jax.tree.structure(coefficients)
+    if coef_structure == treedef:
+        coef_leaves = jax.tree.leaves(coefficients)
+    elif coef_structure.num_leaves == 1 and coef_structure.num_nodes == 1:
+        coef_leaves = [coefficients] * len(base_leaves)
+    else:
+        raise TreeMismatchError(f"coefficients must be a scalar, a (K,) array or a tree with the params' structure "
+                                f"({treedef.num_leaves} leaves); got a tree with {coef_structure.num_leaves} leaves")
+    check_scalar("coefficients", coefficients, allow_tree=True)
+    task_leaves = [jax.tree.leaves(t) for t in tvs]
+    merged = []
+    for j, base in enumerate(base_leaves):
+        base = jnp.asarray(base)
+        compute = _compute_dtype(base.dtype)
+        coef = jnp.broadcast_to(jnp.asarray(coef_leaves[j], compute), (num,))
+        update = sum(coef[k] * jnp.asarray(task_leaves[k][j]).astype(compute) for k in range(num))
+        merged.append((base.astype(compute) + update).astype(base.dtype))
+    return view.rebuild(jax.tree.unflatten(treedef, merged))
+
+
+def _cat_table(lam: Any, c: int, *, scale_lam, scale_c, shift_lam, shift_c, joint, normalize_by_count,
+               scale_per_row_mean, rescale_norm, trim_linear, trim_scale, trim_shift) -> dict[Role, Trimmer]:
+    _check_hparams(None, lam)
+    for name, value in (("c", c), ("scale_c", scale_c), ("shift_c", shift_c)):
+        if value is not None:
+            _check_c(value, np.iinfo(np.int64).max, name)
+    for name, value in (("scale_lam", scale_lam), ("shift_lam", shift_lam)):
+        check_scalar(name, value, minimum=0.0)
+    table = cat_trimmers(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_c=shift_c, shift_lam=shift_lam,
+                         joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
+                         rescale_norm=rescale_norm)
+    for role, keep in ((Role.LINEAR, trim_linear), (Role.SCALE, trim_scale), (Role.SHIFT, trim_shift)):
+        if not keep:
+            table[role] = identity_trimmer()
+    return table
+
+
+def _warn_if_no_linear(inputs_or_params: Any, roles: Overrides, trim_linear: bool) -> None:
+    if not trim_linear:
+        return
+    view = params_view(inputs_or_params)
+    specs = classify(view.params, _combined_roles(view.roles, roles))
+    if not any(sp.role is Role.LINEAR for _, sp in leaves_with_paths(specs, is_leaf=is_spec)):
+        warnings.warn("CAT merge: no leaf has the role 'linear', so no linear projection runs and linear weights "
+                      "get plain task arithmetic; check cm.role_table(params) or pass roles=", UserWarning,
+                      stacklevel=3)
+
+
+def cat_trim(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree], *, lam: Any = 5.0,
+             c: int = 3, roles: Overrides = None, joint: bool = False, rescale_norm: bool = False,
+             scale_lam: Any = None, scale_c: int | None = None, shift_lam: Any = None, shift_c: int | None = None,
+             normalize_by_count: bool = False, scale_per_row_mean: bool = False, trim_linear: bool = True,
+             trim_scale: bool = True, trim_shift: bool = True, progress: bool = False) -> list[PyTree]:
+    """CAT's trimmed task vectors ``[T̃_1, …, T̃_K]``, one params-shaped tree per task.
+
+    ``combine(pretrained, cat_trim(...), alpha)`` (i.e. ``W0 + α Σ_k T̃_k``) equals :func:`cat_merge` with the same
+    options; weight tasks and layers yourself with :func:`combine`'s coefficients (AdaMerging does).
+    Options and inputs as :func:`cat_merge`. Leaves come in the compute dtype (float32 for bf16/f16 params).
+
+    Differentiation: gradients with respect to the task vectors flow through the trimming ``T_i − T_i B Bᵀ``
+    with the bases and masks held fixed (``stop_gradient``): an eigenspace has no derivative where eigenvalues
+    tie (always the case in the null space when a task has fewer exemplar rows than inputs), so the bases are
+    explicitly stopped; gradients are never NaN. Gradients with respect to :func:`combine`'s coefficients are
+    exact.
+    """
+    table = _cat_table(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_lam=shift_lam, shift_c=shift_c,
+                       joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
+                       rescale_norm=rescale_norm, trim_linear=trim_linear, trim_scale=trim_scale,
+                       trim_shift=trim_shift)
+    _warn_if_no_linear(pretrained, roles, trim_linear)
+    return trim_with_trimmers(pretrained, finetuned, stats, table, roles=roles, progress=progress)
+
+
+def cat_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree], *, alpha: Any = 0.3,
+              lam: Any = 5.0, c: int = 3, roles: Overrides = None, joint: bool = False,
+              rescale_norm: bool = False, scale_lam: Any = None, scale_c: int | None = None,
+              shift_lam: Any = None, shift_c: int | None = None, normalize_by_count: bool = False,
+              scale_per_row_mean: bool = False, trim_linear: bool = True, trim_scale: bool = True,
+              trim_shift: bool = True, progress: bool = False, fast: bool = False,
+              timings: dict | None = None) -> PyTree:
+    """CAT Merging of K fine-tuned models (paper Algorithm 1); defaults are the paper's rules.
+
+    Composes with JAX: ``jax.jit`` (params, statistics, ``alpha``, ``lam`` traced; ``c`` static), ``jax.vmap``
+    over ``alpha`` and ``jax.grad`` with respect to ``alpha`` (see :func:`cat_trim` for gradients through the
+    bases). Value checks (NaN/Inf, ranges) run when the inputs are concrete and are skipped under tracing.
+
+    Args:
+      pretrained: ``W0``: linen params, an nnx ``State``/``Module`` or an equinox ``Module`` (roles then come from
+        the module types), any pytree of arrays.
+      finetuned: a list of K fine-tuned trees ``W_k`` (same structure and shapes).
       stats: K exemplar-statistics trees; ``stats[k]`` from the task-k model ``W0 + T_k`` on task k's exemplars.
       alpha: merge scale α in ``W0 + α Σ T̃_k``.
       lam: λ ≥ 0, the knowledge-preservation weight.
-      c: basis size (linear) and mask size (scale/shift); 0 gives task arithmetic.
+      c: basis size (linear) and mask size (scale/shift); 0 gives task arithmetic. Static.
       roles: leaf-role overrides (see :func:`catmerge_jax.roles.classify`).
       joint: order-free projection onto the complement of all other tasks' bases (default: Algorithm 1's order).
       rescale_norm: rescale every trimmed task vector to its original norm (authors'-code variant).
@@ -611,8 +907,9 @@ def cat_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[P
       progress: progress bar over leaves.
       fast: solve same-shaped linear layers together with cost-chosen fast paths
         (:func:`catmerge_jax.batched.cat_merge_batched`; equal to this function to solver precision).
+      timings: with ``fast=True``, a dict that receives per-stage seconds and the per-group plans.
     Returns:
-      The merged params pytree. K = 1 or c = 0 equals task arithmetic.
+      The merged params (the same kind of object as ``pretrained``). K = 1 or c = 0 equals task arithmetic.
     """
     if fast:
         from catmerge_jax.batched import cat_merge_batched  # batched builds on this module
@@ -621,18 +918,12 @@ def cat_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[P
                                  rescale_norm=rescale_norm, scale_lam=scale_lam, scale_c=scale_c,
                                  shift_lam=shift_lam, shift_c=shift_c, normalize_by_count=normalize_by_count,
                                  scale_per_row_mean=scale_per_row_mean, trim_linear=trim_linear,
-                                 trim_scale=trim_scale, trim_shift=trim_shift, progress=progress)
-    _check_hparams(alpha, lam)
-    for name, value in (("c", c), ("scale_c", scale_c), ("shift_c", shift_c)):
-        if value is not None:
-            _check_c(value, np.iinfo(np.int64).max, name)
-    for name, value in (("scale_lam", scale_lam), ("shift_lam", shift_lam)):
-        if value is not None and float(value) < 0:
-            raise HyperparameterError(f"{name} must be >= 0, got {value}")
-    table = cat_trimmers(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_c=shift_c, shift_lam=shift_lam,
-                         joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
-                         rescale_norm=rescale_norm)
-    for role, keep in ((Role.LINEAR, trim_linear), (Role.SCALE, trim_scale), (Role.SHIFT, trim_shift)):
-        if not keep:
-            table[role] = identity_trimmer()
+                                 trim_scale=trim_scale, trim_shift=trim_shift, progress=progress, timings=timings)
+    if timings is not None:
+        raise HyperparameterError("timings= reports the stages of the batched path; pass fast=True with it")
+    table = _cat_table(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_lam=shift_lam, shift_c=shift_c,
+                       joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
+                       rescale_norm=rescale_norm, trim_linear=trim_linear, trim_scale=trim_scale,
+                       trim_shift=trim_shift)
+    _warn_if_no_linear(pretrained, roles, trim_linear)
     return merge_with_trimmers(pretrained, finetuned, stats, table, alpha=alpha, roles=roles, progress=progress)

@@ -151,6 +151,12 @@ def check_same_structure(reference: PyTree, other: PyTree, *, what: str = "tree"
     if ref_paths != oth_paths:
         missing = [p for p in ref_paths if p not in set(oth_paths)]
         extra = [p for p in oth_paths if p not in set(ref_paths)]
+        for wrapped, side in ((oth_paths, what), (ref_paths, "the reference")):
+            other = ref_paths if wrapped is oth_paths else oth_paths
+            if wrapped and other and all(p.startswith("params/") for p in wrapped) and \
+                    [p[len("params/"):] for p in wrapped] == other:
+                raise TreeMismatchError(f"{what}: {side} is wrapped in {{'params': ...}} and the other tree is not; "
+                                        "pass both as the inner params tree (tree['params'])")
         if missing:
             raise TreeMismatchError(f"{what}: leaf '{missing[0]}' is missing (expected the same tree structure as the "
                                     f"reference; {len(missing)} missing, {len(extra)} extra)")
@@ -171,9 +177,24 @@ def check_same_structure(reference: PyTree, other: PyTree, *, what: str = "tree"
                                     f"{jnp.result_type(x)}")
 
 
+def is_tracer(x: Any) -> bool:
+    """True for a JAX tracer (a value inside ``jit``/``vmap``/``grad`` that the host cannot read)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def is_concrete(tree: PyTree) -> bool:
+    """True when no leaf of ``tree`` is a tracer, so value checks (NaN/Inf, ranges) can run on the host."""
+    return not any(is_tracer(x) for x in jax.tree.leaves(tree))
+
+
 def check_finite(tree: PyTree, *, what: str = "tree") -> None:
-    """Raise :class:`NonFiniteError` naming the first leaf that holds NaN or Inf."""
+    """Raise :class:`NonFiniteError` naming the first leaf that holds NaN or Inf.
+
+    Leaves that are tracers (inside ``jax.jit``/``vmap``/``grad``) are skipped: their values do not exist yet.
+    """
     for path, leaf in leaves_with_paths(tree):
+        if is_tracer(leaf):
+            continue
         arr = np.asarray(leaf)
         if np.issubdtype(arr.dtype, np.inexact) or arr.dtype.name == "bfloat16":
             if not np.all(np.isfinite(arr.astype(np.float32))):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.cat import cat_merge, validate_inputs
+from catmerge_jax.cat import cat_merge, check_scalar, finetuned_list, params_view, validate_inputs
 from catmerge_jax.errors import HyperparameterError
 from catmerge_jax.methods.pcb import order_statistics
 from catmerge_jax.methods.registry import MergeMethod, register
@@ -29,22 +29,41 @@ def _compute_dtype(x: jax.Array):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
+def _cast(x, dtype):
+    # NumPy leaves stay NumPy (float64 params keep float64 without jax_enable_x64); arrays and tracers cast as usual
+    return x.astype(dtype) if hasattr(x, "astype") else jnp.asarray(x, dtype)
+
+
+def _views(pretrained, finetuned):
+    """Validated plain params trees of the inputs, and how to rebuild the caller's kind of object."""
+    view = params_view(pretrained)
+    fts = [params_view(f).params for f in finetuned_list(finetuned)]
+    validate_inputs(view.params, fts)
+    return view, fts
+
+
 def weight_average(pretrained: PyTree, finetuned: Sequence[PyTree]) -> PyTree:
     """``(1/K) Σ_k W_k`` (Wortsman et al., 2022 "model soups"), leaf dtypes kept."""
-    validate_inputs(pretrained, finetuned)
-    return jax.tree.map(lambda *ws: (sum(w.astype(_compute_dtype(w)) for w in ws) / len(ws)).astype(ws[0].dtype),
-                        *finetuned)
-
-
-def task_arithmetic(pretrained: PyTree, finetuned: Sequence[PyTree], *, alpha: float = 0.3) -> PyTree:
-    """``W0 + α Σ_k (W_k − W0)`` (Ilharco et al., 2023)."""
-    validate_inputs(pretrained, finetuned)
+    view, fts = _views(pretrained, finetuned)
 
     def merge(w0, *ws):
         dt = _compute_dtype(w0)
-        return (w0.astype(dt) + alpha * sum(w.astype(dt) - w0.astype(dt) for w in ws)).astype(w0.dtype)
+        return (sum(_cast(w, dt) for w in ws) / len(ws)).astype(w0.dtype)
 
-    return jax.tree.map(merge, pretrained, *finetuned)
+    return view.rebuild(jax.tree.map(merge, view.params, *fts))
+
+
+def task_arithmetic(pretrained: PyTree, finetuned: Sequence[PyTree], *, alpha: float = 0.3) -> PyTree:
+    """``W0 + α Σ_k (W_k − W0)`` (Ilharco et al., 2023); ``alpha`` may be traced (jit/vmap/grad)."""
+    check_scalar("alpha", alpha)
+    view, fts = _views(pretrained, finetuned)
+
+    def merge(w0, *ws):
+        dt = _compute_dtype(w0)
+        base = _cast(w0, dt)
+        return (base + alpha * sum(_cast(w, dt) - base for w in ws)).astype(w0.dtype)
+
+    return view.rebuild(jax.tree.map(merge, view.params, *fts))
 
 
 def _kth_largest_abs(leaves: Sequence[jax.Array], keep: float) -> jax.Array:
@@ -67,35 +86,50 @@ def ties_disjoint_merge(trimmed: jax.Array) -> jax.Array:
     return jnp.where(count > 0, total / jnp.maximum(count, 1).astype(trimmed.dtype), 0)
 
 
+def ties_trim(pretrained: PyTree, finetuned: Sequence[PyTree], *, k: float = 0.2,
+              per_tensor: bool = False) -> list[PyTree]:
+    """TIES step 1 alone: each task vector keeps its top ``k`` fraction by magnitude (K trees, compute dtype).
+
+    The input of AdaMerging++ (``cm.adamerging`` over these trimmed vectors). ``k`` is static.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, float, np.number)) or not 0.0 <= float(k) <= 1.0:
+        raise HyperparameterError(f"ties k (fraction kept) must be a number in [0, 1], got {k!r}")
+    view, fts = _views(pretrained, finetuned)
+    base_leaves, treedef = jax.tree.flatten(view.params)
+    base_leaves = [jnp.asarray(b) for b in base_leaves]
+    trimmed = []
+    for ft in fts:
+        leaves = [jnp.asarray(w).astype(_compute_dtype(b)) - b.astype(_compute_dtype(b))
+                  for w, b in zip(jax.tree.leaves(ft), base_leaves)]
+        if per_tensor:
+            leaves = [jnp.where(jnp.abs(x) >= _kth_largest_abs([x], k), x, 0) for x in leaves]
+        else:
+            threshold = _kth_largest_abs(leaves, k)
+            leaves = [jnp.where(jnp.abs(x) >= threshold, x, 0) for x in leaves]
+        trimmed.append(jax.tree.unflatten(treedef, leaves))
+    return trimmed
+
+
 def ties_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, k: float = 0.2, alpha: float = 1.0,
                per_tensor: bool = False) -> PyTree:
     """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean.
 
     Args:
       k: fraction of each task vector kept by magnitude (0.2 = top 20%), over the whole model (as in the
-        TIES paper) or per tensor with ``per_tensor=True``. Entries equal to the threshold are kept.
-      alpha: scale of the merged task vector (the paper's λ; 1 by default).
+        TIES paper) or per tensor with ``per_tensor=True``. Entries equal to the threshold are kept. Static.
+      alpha: scale of the merged task vector (the paper's λ; 1 by default); may be traced.
     """
-    validate_inputs(pretrained, finetuned)
-    if not 0.0 <= float(k) <= 1.0:
-        raise HyperparameterError(f"ties k (fraction kept) must be in [0, 1], got {k}")
-    base_leaves, treedef = jax.tree.flatten(pretrained)
-    base_leaves = [jnp.asarray(b) for b in base_leaves]
-    tv_leaves = [[jnp.asarray(w, _compute_dtype(b)) - b.astype(_compute_dtype(b))
-                  for w, b in zip(jax.tree.leaves(ft), base_leaves)] for ft in finetuned]
-
-    def trim(leaves: list[jax.Array]) -> list[jax.Array]:
-        if per_tensor:
-            return [jnp.where(jnp.abs(x) >= _kth_largest_abs([x], k), x, 0) for x in leaves]
-        threshold = _kth_largest_abs(leaves, k)
-        return [jnp.where(jnp.abs(x) >= threshold, x, 0) for x in leaves]
-
-    trimmed = [trim(leaves) for leaves in tv_leaves]
+    check_scalar("alpha", alpha)
+    trimmed = ties_trim(pretrained, finetuned, k=k, per_tensor=per_tensor)
+    view = params_view(pretrained)
+    base_leaves, treedef = jax.tree.flatten(view.params)
+    trimmed_leaves = [jax.tree.leaves(t) for t in trimmed]
     merged = []
     for j, base in enumerate(base_leaves):
-        tau = ties_disjoint_merge(jnp.stack([t[j] for t in trimmed]))
+        base = jnp.asarray(base)
+        tau = ties_disjoint_merge(jnp.stack([t[j] for t in trimmed_leaves]))
         merged.append((base.astype(tau.dtype) + alpha * tau).astype(base.dtype))
-    return jax.tree.unflatten(treedef, merged)
+    return view.rebuild(jax.tree.unflatten(treedef, merged))
 
 
 def _adapter(fn, *, uses_stats: bool = False):
