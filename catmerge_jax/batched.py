@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -131,13 +132,18 @@ def _rows_operator(y: jax.Array, k: jax.Array, lam: Any) -> tuple[jax.Array, jax
 @functools.partial(jax.jit, static_argnames=("c", "plan", "batch_mode", "min_gap"))
 def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: LinearPlan, batch_mode: str = "auto",
                  min_gap: float | None = None):
-    """``(bases (L, K, out, c), converged (L, K))`` for one group (non-converged entries still to be fixed)."""
+    """``(bases (L, K, out, c), converged (L, K), unresolved (L, K))`` for one group (non-converged entries still
+    to be fixed; ``unresolved``: the top-c eigengap is below the working precision's resolution)."""
     num_tasks, out = tvs.shape[1], tvs.shape[-1]
     config = krylov_config(c, out) if min_gap is None else krylov_config(c, out, min_gap=min_gap)
 
+    def krylov_unresolved(res):
+        floor = cat.GAP_FLOOR * jnp.finfo(res.values.dtype).eps * res.scale
+        return (res.values[..., c - 1] > floor) & (res.gap <= floor)
+
     if plan.strategy == "low_rank":
-        bases = jax.vmap(lambda t, rows: cat._low_rank_bases(t, rows, lam, c))(tvs, data)
-        return bases, jnp.ones(bases.shape[:2], bool)
+        bases, unresolved = jax.vmap(lambda t, rows: cat._low_rank_bases_with_gap(t, rows, lam, c))(tvs, data)
+        return bases, jnp.ones(bases.shape[:2], bool), unresolved
 
     if plan.strategy == "matrix_free":
         def layer(t, rows):
@@ -148,17 +154,19 @@ def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: Lin
                 return block_krylov_top(lambda v: z.T @ (s[:, None] * (z @ v)), c, n=out, config=config)
 
             res = map_batch(task, jnp.arange(num_tasks), mode=batch_mode)
-            return res.vectors, res.converged
+            return res.vectors, res.converged, krylov_unresolved(res)
 
         return map_batch(lambda args: layer(*args), (tvs, data), mode=batch_mode)
 
     build = cat._conflict_matrices_from_rows if plan.form == "rows" else cat._conflict_matrices_from_grams
     g = jax.vmap(lambda t, d: build(t, d, lam))(tvs, data)  # (L, K, out, out)
     if plan.solver == "eigh":
-        return eigh_top(g, c), jnp.ones(g.shape[:2], bool)
+        bases, unresolved = cat._top_with_gap(g, c)
+        return bases, jnp.ones(g.shape[:2], bool), unresolved
     flat = g.reshape((-1,) + g.shape[2:])
     res = map_batch(lambda m: block_krylov_top(m, c, config=config), flat, mode=batch_mode)
-    return res.vectors.reshape(g.shape[:2] + res.vectors.shape[1:]), res.converged.reshape(g.shape[:2])
+    return (res.vectors.reshape(g.shape[:2] + res.vectors.shape[1:]), res.converged.reshape(g.shape[:2]),
+            krylov_unresolved(res).reshape(g.shape[:2]))
 
 
 def _conflict_one(t: jax.Array, d: jax.Array, k: jax.Array, lam: Any, form: str) -> jax.Array:
@@ -182,7 +190,8 @@ def _fallback_bases(tvs: jax.Array, data: jax.Array, tasks: jax.Array, lam: Any,
 
 def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, plan: LinearPlan,
                        valid_layers: int | None = None, batch_mode: str = "auto",
-                       counts: dict | None = None, min_gap: float | None = None) -> jax.Array:
+                       counts: dict | None = None, min_gap: float | None = None,
+                       strict_top_c: bool = False) -> jax.Array:
     """Removal bases ``(L, K, out, c)`` of a group of L same-shape linear layers.
 
     Args:
@@ -195,22 +204,30 @@ def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, p
       min_gap: overrides :class:`catmerge_jax.linalg.KrylovConfig`'s ``min_gap`` (default 0: accept every
         subspace that converged to the working-precision floor with a resolvable gap; e.g. 1e-3 also defers
         near-tied matrices to eigh, reproducing the plain path's tie-breaking at eigh's cost).
+      strict_top_c: keep every top-c direction even with eigenvalue ≤ 0 (default: :func:`cat.positive_directions`).
     Returns:
-      The bases; every (layer, task) whose iterative solve did not converge is recomputed with eigh.
+      The bases; every (layer, task) whose iterative solve did not converge is recomputed with eigh. When
+      ``counts`` is a dict, ``counts["unresolved"]`` collects the ``(layer, task)`` pairs whose eigengap is below the
+      working precision's resolution (concrete inputs only).
     """
     if c == 0:
         return jnp.zeros(tvs.shape[:2] + (tvs.shape[-1], 0), tvs.dtype)
-    bases, converged = _group_bases(tvs, data, lam, c=c, plan=plan, batch_mode=batch_mode, min_gap=min_gap)
+    bases, converged, unresolved = _group_bases(tvs, data, lam, c=c, plan=plan, batch_mode=batch_mode,
+                                                min_gap=min_gap)
+    real = tvs.shape[0] if valid_layers is None else valid_layers
+    if counts is not None and is_concrete(unresolved):
+        counts.setdefault("unresolved", []).extend(
+            (int(a), int(b)) for a, b in np.argwhere(np.asarray(_gather(unresolved))) if a < real)
+    if not strict_top_c:
+        bases = _positive(tvs, data, bases, lam, form=plan.form)
     if plan.solver == "eigh":  # exact solves: nothing to check or redo
         if counts is not None:
-            counts["solves"] = counts.get("solves", 0) + (tvs.shape[0] if valid_layers is None else valid_layers) \
-                * tvs.shape[1]
+            counts["solves"] = counts.get("solves", 0) + real * tvs.shape[1]
         return bases
     if not is_concrete(converged):
         raise ValueError("solver='iterative' decides its eigh fallbacks on the host and needs concrete inputs; "
                          "under jax.jit/vmap/grad use solver='eigh' (the default there)")
-    bad = np.argwhere(~np.asarray(converged))
-    real = tvs.shape[0] if valid_layers is None else valid_layers
+    bad = np.argwhere(~np.asarray(_gather(converged)))
     bad = bad[bad[:, 0] < real]
     if counts is not None:
         counts["solves"] = counts.get("solves", 0) + real * tvs.shape[1]
@@ -218,8 +235,17 @@ def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, p
     if len(bad):
         layers, tasks = bad[:, 0], bad[:, 1]
         fixed = _fallback_bases(tvs[layers], data[layers], jnp.asarray(tasks), lam, c=c, form=plan.form)
+        if not strict_top_c:
+            fixed = _positive(tvs[layers], data[layers], bases.at[layers, tasks].set(fixed)[layers], lam,
+                              form=plan.form)[jnp.arange(len(layers)), jnp.asarray(tasks)]
         bases = bases.at[layers, tasks].set(fixed)
     return bases
+
+
+@functools.partial(jax.jit, static_argnames=("form",))
+def _positive(tvs: jax.Array, data: jax.Array, bases: jax.Array, lam: Any, *, form: str) -> jax.Array:
+    """:func:`catmerge_jax.cat.positive_directions` for every layer of a group ``(L, K, ...)``."""
+    return jax.vmap(lambda t, d, b: cat.positive_directions(t, d, b, lam=lam, form=form))(tvs, data, bases)
 
 
 @functools.partial(jax.jit, static_argnames=("joint",))
@@ -291,7 +317,7 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
                       trim_linear: bool = True, trim_scale: bool = True, trim_shift: bool = True,
                       solver: str = "auto", strategy: str = "auto", max_group_bytes: int = 1 << 30,
                       place: Placement | None = None, layer_multiple: int = 1, batch_mode: str = "auto",
-                      min_gap: float | None = None,
+                      min_gap: float | None = None, strict_top_c: bool = False,
                       progress: bool = False,
                       timings: dict | None = None) -> PyTree:
     """:func:`catmerge_jax.cat.cat_merge` with batched linear layers and cost-chosen fast paths.
@@ -328,6 +354,7 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
     clock: dict = {"prepare": 0.0, "bases": 0.0, "apply": 0.0, "solves": 0, "fallbacks": 0, "groups": []}
 
     update_by_index: dict[int, jax.Array] = {}  # Σ_i T̃_i per leaf
+    unresolved_leaves: set[str] = set()
     layer_updates: dict[int, dict[int, jax.Array]] = {}  # per multi-layer leaf: layer -> Σ_i T̃_i (in, out)
     groups: dict[tuple, list[_LinearLeaf]] = {}
     for j, leaf in enumerate(inputs.leaves):
@@ -369,7 +396,7 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
             tvs, data = place(tvs), place(data)
             bases = linear_group_bases(tvs, data, lam=lam, c=c, plan=plan, valid_layers=len(chunk),
                                        batch_mode=batch_mode, counts=clock,
-                                       min_gap=min_gap)
+                                       min_gap=min_gap, strict_top_c=strict_top_c)
             if not traced:
                 bases.block_until_ready()
             t1 = time.perf_counter()
@@ -383,6 +410,8 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
             for i, m in enumerate(chunk):
                 leaf_index, layer = m.index
                 layer_updates[leaf_index][layer] = update[i]
+            for layer_in_chunk, _task in clock.pop("unresolved", []):
+                unresolved_leaves.add(inputs.leaves[chunk[layer_in_chunk].index[0]].path)
         clock["groups"].append({"shape": (fan_in, fan_out), "layers": len(members), "form": plan.form,
                                 "strategy": plan.strategy, "solver": plan.solver,
                                 "fallbacks": clock["fallbacks"] - fallbacks_before,
@@ -397,6 +426,10 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
     if not traced:
         jax.block_until_ready(merged)
     clock["apply"] += time.perf_counter() - t0
+    if unresolved_leaves:
+        with cat.one_gap_warning():
+            for path in sorted(unresolved_leaves):
+                warnings.warn(cat.UnresolvedGapWarning(path))
     if timings is not None:
         timings.update(clock)
     return inputs.rebuild(jax.tree.unflatten(inputs.treedef, merged))

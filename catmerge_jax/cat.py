@@ -34,6 +34,7 @@ are built by swapping table entries or wrapping them (:func:`norm_rescaled`, :fu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import warnings
@@ -47,7 +48,7 @@ from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, Tre
 from catmerge_jax.linalg import top_eigenvectors
 from catmerge_jax.roles import LeafSpec, Overrides, Role, check_spec, classify, is_spec, with_stacking
 from catmerge_jax.stats import LeafStats, check_stats, is_leaf_stats
-from catmerge_jax.tree import PyTree, check_finite, check_same_structure, is_tracer, leaves_with_paths
+from catmerge_jax.tree import PyTree, check_finite, check_same_structure, is_concrete, is_tracer, leaves_with_paths
 
 # --------------------------------------------------------------------------------------------------------------
 # Per-layer operators. Pure functions of stacked (K, ...) arrays; jitted with the basis/mask size static.
@@ -72,7 +73,39 @@ def cat_linear_bases(task_vectors: jax.Array, grams: jax.Array, *, lam: float | 
       ``(K, out, c)``: ``B_k`` with orthonormal columns, the eigenvectors of
       ``G_k = Σ_{i≠k} T_iᵀ (A_k − λ A_i) T_i`` for its c largest eigenvalues (paper eq. 11).
     """
-    return top_eigenvectors(_conflict_matrices_from_grams(task_vectors, grams, lam), c)
+    return _top_with_gap(_conflict_matrices_from_grams(task_vectors, grams, lam), c)[0]
+
+
+GAP_FLOOR = 32.0
+"""An eigengap ``θ_c − θ_{c+1}`` below ``GAP_FLOOR · eps · ‖G‖`` cannot be resolved in the working precision: the
+top-c subspace is then decided by rounding (warned about; ``precision="float64"`` resolves it)."""
+
+POSITIVE_RTOL = 100.0 * float(np.finfo(np.float32).eps)
+"""A direction counts as positive (worth removing) when its eigenvalue exceeds ``POSITIVE_RTOL`` times
+``Σ_{i≠k} ‖X_k T_i‖² + λ‖X_i T_i‖²`` (an upper bound of ‖G_k‖). Exemplar statistics are stored in float32, whose
+rounding makes a rank-deficient Gram slightly indefinite (eigenvalues ≈ 1e-7·‖G‖ either side of 0): 100 float32
+epsilons keeps such noise from counting, also when the merge itself runs in float64."""
+
+
+def _gap_flags(values_desc: jax.Array, c: int) -> jax.Array:
+    """``(...,)`` True where the c-th eigenvalue is positive and its gap to the next one is unresolvable.
+
+    ``values_desc``: ``(..., m)`` eigenvalues in decreasing order (m ≥ c; with m == c there is no next one).
+    """
+    if c == 0 or values_desc.shape[-1] <= c:
+        return jnp.zeros(values_desc.shape[:-1], bool)
+    eps = jnp.finfo(values_desc.dtype).eps
+    scale = jnp.max(jnp.abs(values_desc), axis=-1)
+    theta_c, theta_next = values_desc[..., c - 1], values_desc[..., c]
+    return (theta_c > GAP_FLOOR * eps * scale) & (theta_c - theta_next <= GAP_FLOOR * eps * scale)
+
+
+def _top_with_gap(matrix: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
+    """Top-c eigenvectors by ``eigh`` ``(..., n, c)`` and the unresolvable-gap flags ``(...,)``."""
+    if c == 0:
+        return jnp.zeros(matrix.shape[:-1] + (0,), matrix.dtype), jnp.zeros(matrix.shape[:-2], bool)
+    values, vectors = jnp.linalg.eigh(matrix, symmetrize_input=True)
+    return vectors[..., ::-1][..., :c], _gap_flags(values[..., ::-1], c)
 
 
 def _conflict_matrices_from_grams(task_vectors: jax.Array, grams: jax.Array, lam: Any) -> jax.Array:
@@ -106,14 +139,23 @@ def cat_linear_bases_from_rows(task_vectors: jax.Array, rows: jax.Array, *, lam:
     Returns:
       ``(K, out, c)``, the same bases as from ``A_k = X_kᵀX_k``.
     """
+    return _rows_bases_with_gap(task_vectors, rows, lam, c)[0]
+
+
+def _rows_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):
     num_tasks, n = rows.shape[0], rows.shape[1]
     out = task_vectors.shape[-1]
     if 2 * (num_tasks - 1) * n + c < out:
-        return _low_rank_bases(task_vectors, rows, lam, c)
-    return top_eigenvectors(_conflict_matrices_from_rows(task_vectors, rows, lam), c)
+        return _low_rank_bases_with_gap(task_vectors, rows, lam, c)
+    return _top_with_gap(_conflict_matrices_from_rows(task_vectors, rows, lam), c)
 
 
 def _low_rank_bases(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int) -> jax.Array:
+    """Exact top-c eigenvectors of every ``G_k = Z_kᵀ D Z_k`` inside ``range(Z_kᵀ)`` plus c null directions."""
+    return _low_rank_bases_with_gap(task_vectors, rows, lam, c)[0]
+
+
+def _low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):
     num_tasks, n = rows.shape[0], rows.shape[1]
     out = task_vectors.shape[-1]
     y = jnp.einsum("kna,iab->kinb", rows, task_vectors)  # Y[k, i] = X_k T_i
@@ -131,10 +173,49 @@ def _low_rank_bases(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int) 
         d = jnp.concatenate([w_conflict, w_own, jnp.zeros((c,), y.dtype)])
         q, r = jnp.linalg.qr(z.T)  # (out, m), (m, m)
         small = (r * d[None, :]) @ r.T
-        _, v = jnp.linalg.eigh(small, symmetrize_input=True)
-        return q @ v[:, ::-1][:, :c]
+        values, v = jnp.linalg.eigh(small, symmetrize_input=True)
+        return q @ v[:, ::-1][:, :c], _gap_flags(values[::-1], c)
 
+    if c == 0:
+        return jnp.zeros((num_tasks, out, 0), task_vectors.dtype), jnp.zeros((num_tasks,), bool)
     return jax.vmap(one)(jnp.arange(num_tasks), y)
+
+
+@functools.partial(jax.jit, static_argnames=("form",))
+def positive_directions(task_vectors: jax.Array, data: jax.Array, bases: jax.Array, *, lam: float | jax.Array,
+                        form: str) -> jax.Array:
+    """The bases with every direction whose eigenvalue of ``G_k`` is not positive zeroed (inert).
+
+    Removing ``b`` from every ``T_i`` (i ≠ k) changes the paper's objective (eq. 10) by exactly ``bᵀ G_k b``, so a
+    direction with eigenvalue ≤ 0 cannot lower it; when ``G_k`` has fewer than c positive eigenvalues (few
+    exemplar rows, small K) such columns are arbitrary null-space directions that depend on the solver. A column
+    is kept when ``bᵀG_kb > POSITIVE_RTOL · Σ_{i≠k} (‖X_kT_i‖² + λ‖X_iT_i‖²)``.
+
+    Args:
+      task_vectors: ``(K, in, out)``.
+      data: ``(K, n, in)`` rows (``form="rows"``) or ``(K, in, in)`` Grams (``form="gram"``).
+      bases: ``(K, out, c)``.
+    Returns:
+      ``(K, out, c)``.
+    """
+    num_tasks = task_vectors.shape[0]
+    tb = jnp.einsum("iab,kbc->kiac", task_vectors, bases)  # T_i B_k
+    if form == "rows":
+        y_cross = jnp.einsum("kna,kiac->kinc", data, tb)  # X_k T_i B_k
+        y_own = jnp.einsum("ina,kiac->kinc", data, tb)  # X_i T_i B_k
+        cross, own = jnp.sum(y_cross ** 2, axis=2), jnp.sum(y_own ** 2, axis=2)  # (k, i, c)
+        fro_cross = jnp.einsum("kna,iab->kinb", data, task_vectors)
+        fro_cross = jnp.sum(fro_cross ** 2, axis=(2, 3))  # ‖X_k T_i‖² (k, i)
+    else:
+        cross = jnp.einsum("kiac,kab,kibc->kic", tb, data, tb)  # (T_iB_k)ᵀ A_k (T_iB_k)
+        own = jnp.einsum("kiac,iab,kibc->kic", tb, data, tb)  # (T_iB_k)ᵀ A_i (T_iB_k)
+        fro_cross = jnp.einsum("kab,iab->ki", data, jnp.einsum("iac,ibc->iab", task_vectors, task_vectors))
+    others = (jnp.arange(num_tasks)[:, None] != jnp.arange(num_tasks)[None, :]).astype(bases.dtype)  # (k, i)
+    fro_own = jnp.diagonal(fro_cross)  # ‖X_i T_i‖²
+    value = jnp.einsum("ki,kic->kc", others, cross - lam * own)
+    bound = jnp.einsum("ki,ki->k", others, fro_cross + lam * fro_own[None, :])
+    keep = value > POSITIVE_RTOL * bound[:, None]
+    return bases * keep[:, None, :].astype(bases.dtype)
 
 
 def _symmetric_gram(z: jax.Array) -> jax.Array:
@@ -420,8 +501,34 @@ def _stop(x: Any) -> Any:
     return jax.lax.stop_gradient(x)
 
 
-def linear_projection(lam: float = 5.0, c: int = 3, *, joint: bool = False,
-                      normalize_by_count: bool = False) -> Trimmer:
+class UnresolvedGapWarning(UserWarning):
+    """A top-c eigengap of ``G_k`` is below the working precision's resolution (see :data:`GAP_FLOOR`)."""
+
+
+def _host_bases_float64(t: jax.Array, data: jax.Array, lam: Any, c: int, form: str, strict: bool) -> jax.Array:
+    """``(K, out, c)`` bases from a float64 ``eigh`` on the host (``precision="float64"``)."""
+    t64 = np.asarray(t, np.float64)
+    d64 = np.asarray(data, np.float64)
+    grams = np.einsum("kna,knb->kab", d64, d64) if form == "rows" else d64
+    out = []
+    for k in range(t64.shape[0]):
+        g = sum(t64[i].T @ (grams[k] - float(lam) * grams[i]) @ t64[i] for i in range(t64.shape[0]) if i != k)
+        if not isinstance(g, np.ndarray):  # K = 1: no other task
+            g = np.zeros((t64.shape[-1],) * 2)
+        values, vectors = np.linalg.eigh((g + g.T) / 2)
+        top = vectors[:, ::-1][:, :c]
+        if not strict:
+            bound = sum(np.sum((d64[k] @ t64[i]) ** 2 if form == "rows" else grams[k] * (t64[i] @ t64[i].T))
+                        + float(lam) * np.sum((d64[i] @ t64[i]) ** 2 if form == "rows"
+                                              else grams[i] * (t64[i] @ t64[i].T))
+                        for i in range(t64.shape[0]) if i != k)
+            top = top * (values[::-1][:c] > POSITIVE_RTOL * bound)[None, :]
+        out.append(top)
+    return jnp.asarray(np.stack(out), t.dtype)
+
+
+def linear_projection(lam: float = 5.0, c: int = 3, *, joint: bool = False, normalize_by_count: bool = False,
+                      strict_top_c: bool = False, precision: str = "working") -> Trimmer:
     """The paper's linear-weight trimming (eq. 11) for LINEAR leaves.
 
     The state is the bases ``(K, out, c)`` for a single-layer leaf, ``(layers, K, out, c)`` for a stacked leaf
@@ -433,14 +540,35 @@ def linear_projection(lam: float = 5.0, c: int = 3, *, joint: bool = False,
       c: basis size per task.
       joint: order-free projection (:func:`apply_cat_linear_joint`) instead of Algorithm 1's sequential one.
       normalize_by_count: use per-row means ``A_k / n_k`` instead of sums (a variant; the paper uses sums).
+      strict_top_c: remove all c top eigenvectors even where their eigenvalue is ≤ 0 (the paper's literal rule);
+        by default such directions are kept (:func:`positive_directions`): removing them cannot lower the
+        objective, and which null-space directions a solver returns is arbitrary.
+      precision: ``"working"`` (the task vectors' dtype, jit-compatible) or ``"float64"`` (the bases from a
+        float64 ``eigh`` on the host, for eigengaps below float32 resolution; concrete inputs only).
     """
+    if precision not in ("working", "float64"):
+        raise HyperparameterError(f"precision must be 'working' or 'float64', got {precision!r}")
 
     def init(leaf: LeafInput) -> jax.Array:
         t = _stop(leaf.spec.matrices(leaf.task_vectors, lead=1))  # (K, L, in, out)
         _check_c(c, t.shape[-1], leaf.path)
         form, data = linear_inputs(leaf, normalize_by_count)
-        solve = cat_linear_bases_from_rows if form == "rows" else cat_linear_bases
-        bases = jax.vmap(lambda tl, dl: solve(tl, dl, lam=_stop(lam), c=c), in_axes=(1, 1))(t, _stop(data))
+        data = _stop(data)
+        if precision == "float64":
+            if not is_concrete((t, data, lam)):
+                raise HyperparameterError(f"leaf '{leaf.path}': precision='float64' computes the bases on the host "
+                                          "and needs concrete inputs (not under jax.jit/vmap/grad)")
+            bases = jnp.stack([_host_bases_float64(t[:, layer], data[:, layer], lam, c, form, strict_top_c)
+                               for layer in range(t.shape[1])])
+        else:
+            solve = _rows_bases_with_gap if form == "rows" else (
+                lambda tl, dl, lm, cc: _top_with_gap(_conflict_matrices_from_grams(tl, dl, lm), cc))
+            bases, unresolved = jax.vmap(lambda tl, dl: solve(tl, dl, _stop(lam), c), in_axes=(1, 1))(t, data)
+            if not strict_top_c:
+                bases = jax.vmap(lambda tl, dl, bl: positive_directions(tl, dl, bl, lam=_stop(lam), form=form),
+                                 in_axes=(1, 1, 0))(t, data, bases)
+            if is_concrete(unresolved) and bool(np.any(np.asarray(unresolved))):
+                warnings.warn(UnresolvedGapWarning(leaf.path), stacklevel=2)
         return bases[0] if _single_layer(leaf.spec) else bases
 
     def apply(leaf: LeafInput, bases: jax.Array) -> jax.Array:
@@ -550,14 +678,16 @@ def norm_rescaled(trimmer: Trimmer) -> Trimmer:
 def cat_trimmers(lam: float = 5.0, c: int = 3, *, scale_lam: float | None = None, scale_c: int | None = None,
                  shift_c: int | None = None, shift_lam: float | None = None, joint: bool = False,
                  normalize_by_count: bool = False, scale_per_row_mean: bool = False,
-                 rescale_norm: bool = False) -> dict[Role, Trimmer]:
+                 rescale_norm: bool = False, strict_top_c: bool = False,
+                 precision: str = "working") -> dict[Role, Trimmer]:
     """The ``{Role: Trimmer}`` table of CAT Merging; defaults are the paper's.
 
     ``scale_*``/``shift_*`` default to ``lam``/``c``; ``shift_lam`` switches the shift rule from the paper's
     balanced one to the count-weighted one. Replace an entry by :func:`identity_trimmer` to switch a part off.
     """
     table = {
-        Role.LINEAR: linear_projection(lam, c, joint=joint, normalize_by_count=normalize_by_count),
+        Role.LINEAR: linear_projection(lam, c, joint=joint, normalize_by_count=normalize_by_count,
+                                       strict_top_c=strict_top_c, precision=precision),
         Role.SCALE: scale_masking(lam if scale_lam is None else scale_lam, c if scale_c is None else scale_c,
                                   per_row_mean=scale_per_row_mean),
         Role.SHIFT: shift_masking(c if shift_c is None else shift_c, lam=shift_lam),
@@ -727,6 +857,24 @@ def tree_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTre
     return TreeInputs(leaves, bases, treedef, view.rebuild)
 
 
+@contextlib.contextmanager
+def one_gap_warning():
+    """Collect the per-leaf :class:`UnresolvedGapWarning` of one merge into one warning naming the leaves."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    leaves = [str(w.message) for w in caught if issubclass(w.category, UnresolvedGapWarning)]
+    for w in caught:
+        if not issubclass(w.category, UnresolvedGapWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if leaves:
+        shown = ", ".join(leaves[:6]) + (f" and {len(leaves) - 6} more" if len(leaves) > 6 else "")
+        warnings.warn(UnresolvedGapWarning(
+            f"{len(leaves)} linear leaf/leaves have a top-c eigengap below the working precision's resolution "
+            f"({shown}): their bases are decided by rounding; pass precision='float64' for exact bases"),
+            stacklevel=3)
+
+
 def _trimmed_leaves(inputs: TreeInputs, trimmers: Mapping[Role, Trimmer], progress: bool, desc: str):
     identity = identity_trimmer()
     iterator = inputs.leaves
@@ -762,8 +910,9 @@ def merge_with_trimmers(pretrained: PyTree, finetuned: Sequence[PyTree], stats: 
     """
     _check_hparams(alpha, None)
     inputs = tree_inputs(pretrained, finetuned, stats, roles=roles)
-    merged = [_scaled_sum(base, trimmed, alpha)
-              for base, trimmed in zip(inputs.bases, _trimmed_leaves(inputs, trimmers, progress, "CAT merge"))]
+    with one_gap_warning():
+        merged = [_scaled_sum(base, trimmed, alpha)
+                  for base, trimmed in zip(inputs.bases, _trimmed_leaves(inputs, trimmers, progress, "CAT merge"))]
     return inputs.rebuild(jax.tree.unflatten(inputs.treedef, merged))
 
 
@@ -775,7 +924,8 @@ def trim_with_trimmers(pretrained: PyTree, finetuned: Sequence[PyTree], stats: S
     ``combine(pretrained, trimmed, alpha)`` equals :func:`merge_with_trimmers` with the same arguments.
     """
     inputs = tree_inputs(pretrained, finetuned, stats, roles=roles)
-    stacks = list(_trimmed_leaves(inputs, trimmers, progress, "CAT trim"))
+    with one_gap_warning():
+        stacks = list(_trimmed_leaves(inputs, trimmers, progress, "CAT trim"))
     num = len(finetuned_list(finetuned))
     return [jax.tree.unflatten(inputs.treedef, [t[k] for t in stacks]) for k in range(num)]
 
@@ -824,7 +974,8 @@ def combine(pretrained: Any, task_vectors: Sequence[PyTree], coefficients: Any =
 
 
 def _cat_table(lam: Any, c: int, *, scale_lam, scale_c, shift_lam, shift_c, joint, normalize_by_count,
-               scale_per_row_mean, rescale_norm, trim_linear, trim_scale, trim_shift) -> dict[Role, Trimmer]:
+               scale_per_row_mean, rescale_norm, trim_linear, trim_scale, trim_shift, strict_top_c=False,
+               precision="working") -> dict[Role, Trimmer]:
     _check_hparams(None, lam)
     for name, value in (("c", c), ("scale_c", scale_c), ("shift_c", shift_c)):
         if value is not None:
@@ -833,7 +984,7 @@ def _cat_table(lam: Any, c: int, *, scale_lam, scale_c, shift_lam, shift_c, join
         check_scalar(name, value, minimum=0.0)
     table = cat_trimmers(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_c=shift_c, shift_lam=shift_lam,
                          joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
-                         rescale_norm=rescale_norm)
+                         rescale_norm=rescale_norm, strict_top_c=strict_top_c, precision=precision)
     for role, keep in ((Role.LINEAR, trim_linear), (Role.SCALE, trim_scale), (Role.SHIFT, trim_shift)):
         if not keep:
             table[role] = identity_trimmer()
@@ -855,7 +1006,8 @@ def cat_trim(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[Py
              c: int = 3, roles: Overrides = None, joint: bool = False, rescale_norm: bool = False,
              scale_lam: Any = None, scale_c: int | None = None, shift_lam: Any = None, shift_c: int | None = None,
              normalize_by_count: bool = False, scale_per_row_mean: bool = False, trim_linear: bool = True,
-             trim_scale: bool = True, trim_shift: bool = True, progress: bool = False) -> list[PyTree]:
+             trim_scale: bool = True, trim_shift: bool = True, strict_top_c: bool = False,
+             precision: str = "working", progress: bool = False) -> list[PyTree]:
     """CAT's trimmed task vectors ``[T̃_1, …, T̃_K]``, one params-shaped tree per task.
 
     ``combine(pretrained, cat_trim(...), alpha)`` (i.e. ``W0 + α Σ_k T̃_k``) equals :func:`cat_merge` with the same
@@ -871,7 +1023,7 @@ def cat_trim(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[Py
     table = _cat_table(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_lam=shift_lam, shift_c=shift_c,
                        joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
                        rescale_norm=rescale_norm, trim_linear=trim_linear, trim_scale=trim_scale,
-                       trim_shift=trim_shift)
+                       trim_shift=trim_shift, strict_top_c=strict_top_c, precision=precision)
     _warn_if_no_linear(pretrained, roles, trim_linear)
     return trim_with_trimmers(pretrained, finetuned, stats, table, roles=roles, progress=progress)
 
@@ -881,8 +1033,8 @@ def cat_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[P
               rescale_norm: bool = False, scale_lam: Any = None, scale_c: int | None = None,
               shift_lam: Any = None, shift_c: int | None = None, normalize_by_count: bool = False,
               scale_per_row_mean: bool = False, trim_linear: bool = True, trim_scale: bool = True,
-              trim_shift: bool = True, progress: bool = False, fast: bool = False,
-              timings: dict | None = None) -> PyTree:
+              trim_shift: bool = True, strict_top_c: bool = False, precision: str = "working",
+              progress: bool = False, fast: bool = True, timings: dict | None = None) -> PyTree:
     """CAT Merging of K fine-tuned models (paper Algorithm 1); defaults are the paper's rules.
 
     Composes with JAX: ``jax.jit`` (params, statistics, ``alpha``, ``lam`` traced; ``c`` static), ``jax.vmap``
@@ -905,25 +1057,31 @@ def cat_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[P
       normalize_by_count, scale_per_row_mean: per-row means instead of sums (variants).
       trim_linear, trim_scale, trim_shift: switch a part off (task arithmetic for that role), for ablations.
       progress: progress bar over leaves.
-      fast: solve same-shaped linear layers together with cost-chosen fast paths
-        (:func:`catmerge_jax.batched.cat_merge_batched`; equal to this function to solver precision).
-      timings: with ``fast=True``, a dict that receives per-stage seconds and the per-group plans.
+      strict_top_c: remove all c top eigenvectors even where their eigenvalue is ≤ 0 (the paper's literal
+        rule); by default such directions are kept, see :func:`positive_directions`.
+      precision: ``"working"`` or ``"float64"`` (bases from a float64 eigh on the host, for eigengaps below float32
+        resolution — warned about when found; concrete inputs only; runs the plain per-leaf path).
+      fast: the default: same-shaped linear layers solved together with cost-chosen exact fast paths
+        (:func:`catmerge_jax.batched.cat_merge_batched`); ``fast=False`` runs the plain per-leaf reference path.
+        Both give the same merge to solver precision (tested against the float64 reference).
+      timings: with the fast path, a dict that receives per-stage seconds and the per-group plans.
     Returns:
       The merged params (the same kind of object as ``pretrained``). K = 1 or c = 0 equals task arithmetic.
     """
-    if fast:
+    if fast and precision == "working":
         from catmerge_jax.batched import cat_merge_batched  # batched builds on this module
 
         return cat_merge_batched(pretrained, finetuned, stats, alpha=alpha, lam=lam, c=c, roles=roles, joint=joint,
                                  rescale_norm=rescale_norm, scale_lam=scale_lam, scale_c=scale_c,
                                  shift_lam=shift_lam, shift_c=shift_c, normalize_by_count=normalize_by_count,
                                  scale_per_row_mean=scale_per_row_mean, trim_linear=trim_linear,
-                                 trim_scale=trim_scale, trim_shift=trim_shift, progress=progress, timings=timings)
+                                 trim_scale=trim_scale, trim_shift=trim_shift, strict_top_c=strict_top_c,
+                                 progress=progress, timings=timings)
     if timings is not None:
-        raise HyperparameterError("timings= reports the stages of the batched path; pass fast=True with it")
+        raise HyperparameterError("timings= reports the stages of the batched path (fast=True, precision='working')")
     table = _cat_table(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_lam=shift_lam, shift_c=shift_c,
                        joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
                        rescale_norm=rescale_norm, trim_linear=trim_linear, trim_scale=trim_scale,
-                       trim_shift=trim_shift)
+                       trim_shift=trim_shift, strict_top_c=strict_top_c, precision=precision)
     _warn_if_no_linear(pretrained, roles, trim_linear)
     return merge_with_trimmers(pretrained, finetuned, stats, table, alpha=alpha, roles=roles, progress=progress)

@@ -13,13 +13,25 @@ def conflict_matrix(T, A, lam, k):
     return sum(T[i].T @ (A[k] - lam * A[i]) @ T[i] for i in range(len(T)) if i != k)
 
 
-def linear_bases(T, A, lam, c):
-    """Top-c eigenvectors (largest algebraic eigenvalues) of every G_k: list of (out, c)."""
+POSITIVE_RTOL = 100 * np.finfo(np.float32).eps  # the library's rule: eigenvalue > 100 float32 eps × the bound
+
+
+def linear_bases(T, A, lam, c, positive=False):
+    """Top-c eigenvectors (largest algebraic eigenvalues) of every G_k: list of (out, c).
+
+    ``positive``: keep only the directions whose eigenvalue exceeds POSITIVE_RTOL · Σ_{i≠k} tr(T_iᵀA_kT_i) +
+    λ tr(T_iᵀA_iT_i) (the library's default; removing a direction with eigenvalue ≤ 0 cannot lower eq. 10).
+    """
     out = []
     for k in range(len(T)):
         w, v = np.linalg.eigh(conflict_matrix(T, A, lam, k))
         order = np.argsort(w)[::-1][:c]
-        out.append(v[:, order])
+        basis = v[:, order]
+        if positive:
+            bound = sum(np.trace(T[i].T @ A[k] @ T[i]) + lam * np.trace(T[i].T @ A[i] @ T[i])
+                        for i in range(len(T)) if i != k)
+            basis = basis[:, w[order] > POSITIVE_RTOL * bound]
+        out.append(basis)
     return out
 
 

@@ -41,7 +41,7 @@ def make_problem(seed=0, K=3, dtype=np.float64, n=6):
     return w0, finetuned, stats, raw
 
 
-def reference_merge(w0, finetuned, raw, *, alpha, lam, c, joint=False):
+def reference_merge(w0, finetuned, raw, *, alpha, lam, c, joint=False, strict=False):
     K = len(finetuned)
     tv = lambda path: [np.asarray(ft_get(ft, path), np.float64) - np.asarray(ft_get(w0, path), np.float64)
                        for ft in finetuned]
@@ -51,7 +51,7 @@ def reference_merge(w0, finetuned, raw, *, alpha, lam, c, joint=False):
         T = [t.reshape(matrix_shape) for t in tv(path)]
         # the stats store float32 Grams/rows; the reference sees the same rounded features
         A = [np.asarray(cm.linear_stats(raw[k][rows_key]).gram_matrix(), np.float64) for k in range(K)]
-        B = ref.linear_bases(T, A, lam, c)
+        B = ref.linear_bases(T, A, lam, c, positive=not strict)
         trimmed = (ref.apply_linear_joint if joint else ref.apply_linear_sequential)(T, B)
         return sum(trimmed).reshape(ft_get(w0, path).shape)
 

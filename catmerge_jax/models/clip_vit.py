@@ -278,6 +278,40 @@ class HFVisionTransformer(nn.Module):
         return x, states, _ln(cfg, "post_layernorm")(last[:, 0])
 
 
+class BareProjection(nn.Module):
+    """open_clip's bare ``proj`` matrix, ``y = x @ proj`` (parameter ``proj`` ``(d, out)``, no bias).
+
+    A module (sharing its parent's scope, so the parameter keeps open_clip's top-level name) rather than a bare
+    ``self.param``, so that exemplar capture sees its input like any Dense's (:meth:`capture_rule`).
+    """
+
+    features: int
+    init_scale: float
+
+    @nn.compact
+    def __call__(self, x):
+        proj = self.param("proj", nn.initializers.normal(self.init_scale), (x.shape[-1], self.features))
+        return x @ proj.astype(x.dtype)
+
+    @staticmethod
+    def capture_rule(module, args, kwargs):
+        from catmerge_jax.capture import Captured
+
+        x = args[0] if args else kwargs["x"]
+        return Captured(rows_shape=tuple(x.shape[:-1]), linear={"proj": x})
+
+
+def open_clip_roles() -> dict:
+    """Leaf roles of the open_clip layout that its names do not say: the fused ``in_proj`` holds q, k and v side
+    by side (three independent projections, trimmed block by block as the HF layout's separate leaves are), and the
+    bare ``proj`` is a linear map like HF's ``visual_projection/kernel``."""
+    from catmerge_jax.roles import LeafSpec, Role
+
+    return {"*/attn/in_proj/kernel": LeafSpec(Role.LINEAR, in_axes=1, out_blocks=3),
+            "*/attn/in_proj/bias": LeafSpec(Role.SHIFT, out_blocks=3),
+            "proj": LeafSpec(Role.LINEAR, in_axes=1)}
+
+
 class ClipVisionModel(nn.Module):
     """CLIP vision tower. ``layout`` is ``"hf"`` or ``"open_clip"`` (see the module docstring);
     ``with_projection`` adds ``visual_projection`` / ``proj`` (needs ``config.output_dim``).
@@ -288,6 +322,10 @@ class ClipVisionModel(nn.Module):
     config: ClipVisionConfig
     layout: str = "hf"
     with_projection: bool = True
+
+    def param_roles(self) -> dict | None:
+        """Role overrides this layout needs (``None``: Flax's naming conventions already say everything)."""
+        return open_clip_roles() if self.layout == "open_clip" else None
 
     @nn.compact
     def __call__(self, pixels) -> ClipVisionOutput:
@@ -311,8 +349,9 @@ class ClipVisionModel(nn.Module):
             last = states[-1] if states else x0
             pooled = _ln(cfg, "ln_post")(last[:, 0])
             if self.with_projection:
-                proj = self.param("proj", nn.initializers.normal(cfg.width ** -0.5), (cfg.width, cfg.output_dim))
-                projected = pooled @ proj.astype(pooled.dtype)
+                projection = BareProjection(cfg.output_dim, cfg.width ** -0.5, name="proj_matmul")
+                nn.share_scope(self, projection)  # its parameter stays the top-level "proj" of open_clip's layout
+                projected = projection(pooled)
             else:
                 projected = pooled
         last = states[-1] if states else x0
