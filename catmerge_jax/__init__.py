@@ -5,6 +5,13 @@
 True
 """
 
+from catmerge_jax.adamerging import (
+    AdaMerging,
+    AdaMergingResult,
+    adamerging,
+    adamerging_rule,
+    prediction_entropy,
+)
 from catmerge_jax.capture import DEFAULT_RULES, Capture, Captured, CaptureError, capture_stats, make_capture
 from catmerge_jax.cat import (
     LeafInput,
@@ -16,6 +23,14 @@ from catmerge_jax.cat import (
     cat_linear_bases_from_rows,
     cat_merge,
     cat_scale_masks,
+    cat_trim,
+    check_scalar,
+    combine,
+    params_view,
+    positive_directions,
+    UnresolvedGapWarning,
+    tree_inputs,
+    trim_with_trimmers,
     cat_shift_masks,
     cat_trimmers,
     identity_trimmer,
@@ -46,11 +61,18 @@ from catmerge_jax.methods import (
     regmean_merge,
     register,
     task_arithmetic,
+    iso_c_merge,
+    iso_cts_merge,
+    lot_merge,
     tatr_merge,
     ties_merge,
+    ties_trim,
+    tsv_merge,
+    wudi_merge,
     unlabeled_fisher,
     weight_average,
 )
+from catmerge_jax.modules import ModuleParams, split_params, stacked_spec
 from catmerge_jax.roles import LeafSpec, leaves_by_role as _leaves_by_role, Role, classify, default_spec, leaves_by_role, print_roles, role_table
 from catmerge_jax.stats import (
     LeafStats,
@@ -67,6 +89,8 @@ from catmerge_jax.stats import (
 from catmerge_jax.tree import (
     check_finite,
     check_same_structure,
+    is_concrete,
+    is_tracer,
     leaves_with_paths,
     map_with_path,
     path_str,

@@ -1,6 +1,6 @@
-"""Exemplar statistics from any Flax linen model, captured generically by module type.
+"""Exemplar statistics from any linen, nnx or equinox model, captured generically by module type.
 
-:func:`capture_stats` runs a linen model on exemplars and returns a stats tree mirroring ``params`` (a
+:func:`capture_stats` runs a model on exemplars and returns a stats tree mirroring its params (a
 :class:`~catmerge_jax.stats.LeafStats` at every leaf, see :mod:`catmerge_jax.stats`). Nothing here knows a model
 family: ``flax.linen.intercept_methods`` sees every ``__call__`` of every module, and a table of *capture rules*
 (module type → how to read its input) says what each parameterized module type receives:
@@ -37,9 +37,29 @@ Rows are real tokens only: ``token_mask`` (bool, e.g. ``(batch, seq)``) is appli
 leading axes equal the mask's shape; an input whose leading axes do not (e.g. a pooler fed the first token,
 ``(batch, d)``, or image patches) keeps all its rows.
 
-The forward pass and the sums run under ``jax.jit``: the interceptor runs at trace time and the jitted function
-returns the traced sums. Limitation: modules inside lifted transforms (``nn.scan``, ``nn.vmap``, ``nn.remat``) run
-in an inner trace and cannot be captured this way (a clear :class:`CaptureError` says so).
+**nnx and equinox.** ``capture_stats(nnx_module, *inputs)`` and ``capture_stats(eqx_module, *inputs)`` use the
+same machinery with their own rule tables (``nnx.Linear``, ``LinearGeneral``, ``Conv``, ``LayerNorm``, ``RMSNorm``,
+``BatchNorm``, ``Embed``; ``eqx.nn.Linear``, ``Conv*``, ``LayerNorm``, ``RMSNorm``, ``Embedding`` — attention
+projections are ``Linear`` submodules), extended the same way with ``rules=``. nnx modules are merged inside the
+traced function and the ``__call__`` of the captured classes is wrapped while it is traced (restored afterwards);
+linen modules inside ``nnx.bridge.ToNNX`` are seen by the linen interceptor under the bridge's path. Equinox
+submodules are replaced by a recording wrapper, and the model is mapped over the exemplar axis (equinox layers act
+on one example). Exemplars of the wrong width raise :class:`CaptureError` naming the layer and both widths.
+
+**Lifted transforms and stacked layers.** Modules inside ``nn.scan``, ``nn.remat``, ``nn.vmap`` (and ``nnx.scan``,
+``nnx.remat``, ``nnx.vmap``, or a ``jax.lax.scan`` over equinox layers stacked with ``eqx.filter_vmap``) run in an
+inner trace. Each call's sums (row count, Gram or rows, Σx̂²) are computed in that trace and handed to the host by a
+``jax.debug.callback``, which every transform keeps; the forward pass runs under ``jax.jit``. The layer a call
+belongs to is data, not call order: every captured module carries its layer index as a float array shaped like its
+stack axes, stored beside its parameters (a linen params entry, an nnx ``Param``, a field of the equinox wrapper),
+so a scan slices it exactly like the weights. A first abstract pass (``jax.eval_shape``) learns each module's stack
+axes (its outer parameter rank minus the rank it sees). Under ``jax.vmap`` the callback is a ``custom_vmap``
+function that keeps the mapped axes instead of unrolling: axes along which the layer index is mapped (an ensemble)
+stay separate layers, all others fold into rows. A leaf stacking ``L`` layers gets ``count (L,)``, ``gram
+(L, in, in)`` or ``rows (L, n, in)``, ``sq_sum (L, d)``; :func:`catmerge_jax.modules.stacked_spec` turns that into
+the leaf's ``LeafSpec.stack_axes`` without any user override. Not supported: a linen module inside ``nnx.bridge``
+that is itself inside a lifted transform over stacked parameters (a clear error), and modules of other frameworks
+nested inside the captured one (``nnx.bridge.ToLinen``): when nothing at all is captured a warning says so.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn
 >>> from catmerge_jax.capture import capture_stats
@@ -53,8 +73,10 @@ in an inner trace and cannot be captured this way (a clear :class:`CaptureError`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -64,8 +86,8 @@ import numpy as np
 from flax.linen.linear import _conv_dimension_numbers, canonicalize_padding
 
 from catmerge_jax.errors import CatMergeError
-from catmerge_jax.roles import Overrides, Role, classify, is_spec
-from catmerge_jax.stats import LeafStats, count_stats, stats_add, stats_from_arrays
+from catmerge_jax.roles import Overrides, Role, classify, default_spec, is_spec
+from catmerge_jax.stats import LeafStats, stats_add, stats_from_arrays
 from catmerge_jax.tree import PyTree, leaves_with_paths
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -274,111 +296,456 @@ def _rule_for(module_type: type, rules: Mapping[type, Rule | None]) -> Rule | No
     for cls in module_type.__mro__:
         if cls in rules:
             return rules[cls]
-    return None
+    # A module type may carry its own rule (a static ``capture_rule(module, args, kwargs)``), so models that hold a
+    # parameter outside the standard layers (e.g. a bare projection matrix) are captured without a rules= table.
+    return getattr(module_type, "capture_rule", None)
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Trace-time accumulation. One _Recorder lives for one trace of the jitted batch function.
+# nnx and equinox rules. nnx layers take batches like linen; equinox layers act on one example (a Linear on a
+# vector ``(in,)``), so their rows_shape is usually ``()`` and the batch axes come from vmap (see _emit below).
 
 
-def _row_weights(rows_shape: tuple[int, ...], token_mask: jax.Array | None) -> jax.Array:
-    """1.0 for real rows, 0.0 for padding; the mask applies when the leading row axes equal its shape."""
-    if token_mask is not None and tuple(rows_shape[: token_mask.ndim]) == tuple(token_mask.shape):
-        w = token_mask.astype(jnp.float32).reshape(token_mask.shape + (1,) * (len(rows_shape) - token_mask.ndim))
-        return jnp.broadcast_to(w, rows_shape)
-    return jnp.ones(rows_shape, jnp.float32)
+def _arg(args: tuple, kwargs: dict, *names: str) -> Any:
+    if args:
+        return args[0]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    raise CaptureError(f"cannot find the input among the call's arguments (looked for {names})")
 
 
-class _Recorder:
-    def __init__(self, rules: Mapping[type, Rule | None], token_mask: jax.Array | None):
-        self.rules = rules
-        self.token_mask = token_mask
-        self.count: dict[tuple, list] = {}
-        self.linear: dict[tuple, list] = {}   # (path, name) -> [(rows (n, in), weights (n,))]
-        self.scale: dict[tuple, list] = {}    # (path, name) -> [sum of w·x̂²]
+def _norm_scale(has_scale: bool, name: str, xhat: jax.Array, feature_axes: tuple[int, ...]) -> Captured:
+    moved = _features_last(xhat, feature_axes)
+    rows_shape = tuple(moved.shape[: xhat.ndim - len(feature_axes)])
+    return Captured(rows_shape=rows_shape, scale={name: moved} if has_scale else {})
 
-    def interceptor(self, next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and not context.module.is_initializing():
-            rule = _rule_for(type(context.module), self.rules)
-            if rule is not None:
-                captured = rule(context.module, args, kwargs)
-                if captured is not None:
-                    self.record(tuple(context.module.path), captured)
-        return next_fun(*args, **kwargs)
 
-    def record(self, path: tuple, captured: Captured) -> None:
-        rows_shape = tuple(captured.rows_shape)
-        w = _row_weights(rows_shape, self.token_mask)
-        self.count.setdefault(path, []).append(jnp.sum(w))
-        wf = w.reshape(-1)
-        for name, x in captured.linear.items():
-            if tuple(x.shape[: len(rows_shape)]) != rows_shape or x.ndim != len(rows_shape) + 1:
-                raise CaptureError(f"module '{'/'.join(path)}': linear input for '{name}' has shape {x.shape}, "
-                                   f"expected rows {rows_shape} + (in,)")
-            self.linear.setdefault((path, name), []).append((x.reshape(-1, x.shape[-1]).astype(jnp.float32), wf))
-        for name, xhat in captured.scale.items():
-            if tuple(xhat.shape[: len(rows_shape)]) != rows_shape:
-                raise CaptureError(f"module '{'/'.join(path)}': normalized input for '{name}' has shape "
-                                   f"{xhat.shape}, expected leading rows {rows_shape}")
-            xf = xhat.reshape((-1,) + xhat.shape[len(rows_shape):]).astype(jnp.float32)
-            wx = wf.reshape((-1,) + (1,) * (xf.ndim - 1))
-            self.scale.setdefault((path, name), []).append(jnp.sum(wx * xf * xf, axis=0))
+def nnx_linear_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``nnx.Linear``: the kernel ``(in, out)`` sees the input rows ``(..., in)``."""
+    x = _arg(args, kwargs, "inputs", "x")
+    return Captured(rows_shape=tuple(x.shape[:-1]), linear={"kernel": x})
 
-    def outputs(self, form: str) -> dict:
-        """Traced sums: ``{"count": {path: n}, "gram": {...}, "rows": {...}, "scale": {...}}`` (string keys)."""
-        key = "/".join
-        out: dict[str, dict] = {"count": {}, "gram": {}, "rows": {}, "scale": {}}
-        for path, ns in self.count.items():
-            out["count"][key(path)] = sum(ns[1:], ns[0])
-        for (path, name), parts in self.linear.items():
-            rows = jnp.concatenate([x for x, _ in parts], axis=0)
-            weights = jnp.concatenate([w for _, w in parts], axis=0)
-            k = key(path + (name,))
-            if form == "rows" or (form == "auto" and rows.shape[0] < rows.shape[1]):
-                out["rows"][k] = (rows, weights)
+
+def nnx_linear_general_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``nnx.LinearGeneral``: the contracted ``axis`` flattened to one input axis (kernel ``(*in, *out)``)."""
+    x = _arg(args, kwargs, "inputs", "x")
+    if len(module.batch_axis):
+        raise CaptureError(f"LinearGeneral with batch_axis={dict(module.batch_axis)} has one kernel per batch entry "
+                           "and is not a single linear map; give it a custom rule")
+    axis = [a % x.ndim for a in module.axis]
+    rest = [a for a in range(x.ndim) if a not in axis]
+    moved = jnp.transpose(x, rest + axis)
+    rows_shape = tuple(moved.shape[: len(rest)])
+    return Captured(rows_shape=rows_shape, linear={"kernel": moved.reshape(rows_shape + (-1,))})
+
+
+def nnx_conv_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``nnx.Conv``: the kernel ``(*window, in, out)`` is a linear map on unfolded patches."""
+    x = _arg(args, kwargs, "inputs", "x")
+    if module.feature_group_count != 1:
+        raise CaptureError(f"grouped convolution (feature_group_count={module.feature_group_count}) is a different "
+                           "linear map per group; give it a custom rule")
+    patches = conv_patches(module, x)
+    return Captured(rows_shape=tuple(patches.shape[:-1]), linear={"kernel": patches})
+
+
+def nnx_layer_norm_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``nnx.LayerNorm``: the scale sees ``x̂`` over the module's reduction axes."""
+    x = _arg(args, kwargs, "x")
+    xhat = _normalized(x, _axes(x.ndim, module.reduction_axes), module.epsilon, use_mean=True,
+                       use_fast_variance=module.use_fast_variance, mask=kwargs.get("mask"))
+    return _norm_scale(module.scale is not None, "scale", xhat, _axes(x.ndim, module.feature_axes))
+
+
+def nnx_rms_norm_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``nnx.RMSNorm``: the scale sees ``x / sqrt(mean(x²) + ε)``."""
+    x = _arg(args, kwargs, "x")
+    xhat = _normalized(x, _axes(x.ndim, module.reduction_axes), module.epsilon, use_mean=False,
+                       use_fast_variance=module.use_fast_variance, mask=kwargs.get("mask"))
+    return _norm_scale(module.scale is not None, "scale", xhat, _axes(x.ndim, module.feature_axes))
+
+
+def nnx_batch_norm_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``nnx.BatchNorm`` in inference mode: ``x̂ = (x − running mean) / sqrt(running var + ε)``."""
+    x = _arg(args, kwargs, "x")
+    flag = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    use_running = module.use_running_average if flag is None else flag
+    if not use_running:
+        raise CaptureError("BatchNorm must run in inference mode (use_running_average=True) to capture statistics")
+    feature_axes = _axes(x.ndim, module.axis)
+    shape = [x.shape[a] if a in feature_axes else 1 for a in range(x.ndim)]
+    mean = jnp.reshape(module.mean[...], shape)
+    var = jnp.reshape(module.var[...], shape)
+    xhat = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + module.epsilon)
+    return _norm_scale(module.scale is not None, "scale", xhat, feature_axes)
+
+
+def nnx_embed_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``nnx.Embed``: a lookup table (task arithmetic), so only the row count of its ids."""
+    ids = _arg(args, kwargs, "inputs", "x")
+    return Captured(rows_shape=tuple(ids.shape))
+
+
+def _nnx_rules() -> dict[type, Rule]:
+    from flax import nnx
+
+    return {nnx.Linear: nnx_linear_rule, nnx.LinearGeneral: nnx_linear_general_rule, nnx.Conv: nnx_conv_rule,
+            nnx.LayerNorm: nnx_layer_norm_rule, nnx.RMSNorm: nnx_rms_norm_rule, nnx.BatchNorm: nnx_batch_norm_rule,
+            nnx.Embed: nnx_embed_rule}
+
+
+def eqx_linear_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``eqx.nn.Linear``: the weight ``(out, in)`` sees the input vector ``(in,)`` (one row per call)."""
+    x = _arg(args, kwargs, "x")
+    if module.in_features == "scalar":
+        x = x[..., None]
+    return Captured(rows_shape=tuple(x.shape[:-1]), linear={"weight": x})
+
+
+def eqx_conv_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``eqx.nn.Conv*``: the weight ``(out, in, *window)`` is a linear map on the unfolded patches of the
+    channel-first input ``(in, *spatial)``; patch features are ordered channel-major like
+    ``weight.reshape(out, -1)``. Rows are the output positions."""
+    x = _arg(args, kwargs, "x")
+    if module.groups != 1:
+        raise CaptureError(f"grouped convolution (groups={module.groups}) is a different linear map per group; "
+                           "give it a custom rule")
+    padding = tuple(tuple(p) for p in module.padding)
+    if module.padding_mode != "ZEROS":
+        mode = {"REFLECT": "reflect", "REPLICATE": "edge", "CIRCULAR": "wrap"}[module.padding_mode]
+        x = jnp.pad(x, ((0, 0),) + padding, mode=mode)
+        padding = ((0, 0),) * module.num_spatial_dims
+    n = module.num_spatial_dims
+    spatial = "".join("HWDXYZ"[i] for i in range(n))
+    patches = jax.lax.conv_general_dilated_patches(
+        x[None], tuple(module.kernel_size), tuple(module.stride), padding, rhs_dilation=tuple(module.dilation),
+        dimension_numbers=("NC" + spatial, "OI" + spatial, "NC" + spatial), precision=_HIGHEST)[0]
+    rows = jnp.moveaxis(patches, 0, -1)
+    return Captured(rows_shape=tuple(rows.shape[:-1]), linear={"weight": rows})
+
+
+def eqx_layer_norm_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``eqx.nn.LayerNorm``: the weight sees ``x̂ = (x − mean) / sqrt(var + ε)`` over the whole ``shape``."""
+    x = _arg(args, kwargs, "x")
+    xhat = _normalized(x, tuple(range(x.ndim)), module.eps, use_mean=True, use_fast_variance=False)
+    return Captured(rows_shape=(), scale={"weight": xhat} if module.weight is not None else {})
+
+
+def eqx_rms_norm_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``eqx.nn.RMSNorm``: the weight sees ``x / sqrt(mean(x²) + ε)`` over the whole ``shape``."""
+    x = _arg(args, kwargs, "x")
+    xhat = _normalized(x, tuple(range(x.ndim)), module.eps, use_mean=False, use_fast_variance=False)
+    return Captured(rows_shape=(), scale={"weight": xhat} if module.weight is not None else {})
+
+
+def eqx_embedding_rule(module: Any, args: tuple, kwargs: dict) -> Captured:
+    """``eqx.nn.Embedding``: a lookup table, so only the row count of its ids."""
+    ids = _arg(args, kwargs, "x")
+    return Captured(rows_shape=tuple(jnp.shape(ids)))
+
+
+def _eqx_rules() -> dict[type, Rule]:
+    import equinox as eqx
+
+    return {eqx.nn.Linear: eqx_linear_rule, eqx.nn.Conv: eqx_conv_rule, eqx.nn.LayerNorm: eqx_layer_norm_rule,
+            eqx.nn.RMSNorm: eqx_rms_norm_rule, eqx.nn.Embedding: eqx_embedding_rule}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Emission. A rule runs wherever the module runs — possibly in the inner trace of a lifted transform (nn.scan,
+# nn.remat, nn.vmap, their nnx versions, a user's jax.lax.scan over equinox layers). Its per-call sums (count,
+# Gram or rows, Σx̂²) are therefore computed in that trace and handed to the host by a jax.debug.callback, which
+# every transform keeps. Which layer of a stacked leaf a call belongs to is not inferred from call order: every
+# captured module carries its layer index as data (a float array shaped like its stack axes, stored beside its
+# parameters), so a scan slices it like the weights and the callback receives the right index.
+#
+# Under jax.vmap a debug callback would be unrolled once per mapped element (an equinox Linear is vmapped over
+# tokens: thousands of callbacks). _emit is a custom_vmap function instead: its vmap rule keeps the mapped axis as
+# a leading "batch" axis and re-binds itself, so the body runs once, outside every vmap, on arrays with all the
+# batch axes, and folds into rows every axis along which the layer index is not mapped.
+
+
+_LAYER = "__catmerge_layer__"
+
+_SINKS: dict[int, "_Sink"] = {}
+_SINK_IDS = iter(range(1, 2 ** 31 - 1))
+
+
+class _Sink:
+    """Host-side sums of one forward pass: ``{(path, kind, name): {layer: value}}``."""
+
+    def __init__(self):
+        self.count: dict[str, dict[int, float]] = {}
+        self.gram: dict[tuple, dict[int, np.ndarray]] = {}
+        self.rows: dict[tuple, dict[int, list]] = {}
+        self.scale: dict[tuple, dict[int, np.ndarray]] = {}
+
+    def add(self, meta: tuple, idx: np.ndarray, count: np.ndarray, payload: Sequence[np.ndarray]) -> None:
+        path, linear_forms, scale_names = meta
+        layers = np.rint(np.asarray(idx, np.float64)).astype(np.int64).reshape(-1)
+        count = np.asarray(count, np.float64).reshape(-1)
+        by_layer = self.count.setdefault(path, {})
+        for e, layer in enumerate(layers):
+            by_layer[int(layer)] = by_layer.get(int(layer), 0.0) + count[e]
+        it = iter(payload)
+        for name, use_rows in linear_forms:
+            if use_rows:
+                rows, w = np.asarray(next(it), np.float32), np.asarray(next(it))
+                rows = rows.reshape(len(layers), -1, rows.shape[-1])
+                w = w.reshape(len(layers), -1)
+                dest = self.rows.setdefault((path, name), {})
+                for e, layer in enumerate(layers):
+                    dest.setdefault(int(layer), []).append(rows[e][w[e] > 0])
             else:
-                out["gram"][k] = jnp.matmul((rows * weights[:, None]).T, rows, precision=_HIGHEST)
-        for (path, name), parts in self.scale.items():
-            out["scale"][key(path + (name,))] = sum(parts[1:], parts[0])
-        return out
+                g = np.asarray(next(it), np.float64)
+                g = g.reshape((len(layers),) + g.shape[-2:])
+                dest = self.gram.setdefault((path, name), {})
+                for e, layer in enumerate(layers):
+                    dest[int(layer)] = dest.get(int(layer), 0.0) + g[e]
+        for name in scale_names:
+            sq = np.asarray(next(it), np.float64)
+            sq = sq.reshape((len(layers),) + sq.shape[np.ndim(idx):])
+            dest = self.scale.setdefault((path, name), {})
+            for e, layer in enumerate(layers):
+                dest[int(layer)] = dest.get(int(layer), 0.0) + sq[e]
 
 
-def _run(params, extra_variables, inputs, token_mask, *, model, rules, kwargs, form):
-    """One batch: the forward pass under the interceptor, returning the traced sums."""
-    recorder = _Recorder(dict(rules), token_mask)
+def _host_add(meta, sink_id, idx, count, *payload):
+    _SINKS[int(np.asarray(sink_id).reshape(-1)[0])].add(meta, np.asarray(idx), np.asarray(count), payload)
+
+
+def _emit_body(meta_static, bflags, sink, mask, idx, probe, *arrays):
+    """Runs outside every vmap. ``probe`` has shape ``(*batch, *rows_shape)``; ``bflags[i]`` says whether the layer
+    index is mapped along batch axis ``i`` (those axes stay separate, the others fold into rows)."""
+    path, linear_names, scale_names, form = meta_static
+    full = tuple(probe.shape)
+    nb = len(bflags)
+    keep = [i for i in range(nb) if bflags[i]]
+    fold = [i for i in range(len(full)) if i not in keep]
+    e_shape = tuple(full[i] for i in keep)
+    n = int(np.prod([full[i] for i in fold], dtype=np.int64))
+    # the mask applies to each layer's rows: the row axes with the layer-index axes (an ensemble's) left out
+    rows_full = tuple(full[i] for i in fold)
+    if mask is not None and rows_full[: mask.ndim] == tuple(mask.shape):
+        w = jnp.broadcast_to(mask.astype(jnp.float32).reshape(mask.shape + (1,) * (len(rows_full) - mask.ndim)),
+                             rows_full)
+    else:
+        w = jnp.ones(rows_full, jnp.float32)
+    perm = keep + fold
+    w = jnp.broadcast_to(w.reshape(-1), e_shape + (n,))
+    layer = jnp.transpose(idx, keep + [i for i in range(nb) if i not in keep]).reshape(e_shape + (-1,))[..., 0]
+    payload = []
+    forms = []
+    it = iter(arrays)
+    for name in linear_names:
+        x = next(it)
+        x = jnp.transpose(x, perm + [len(full)]).reshape(e_shape + (n, x.shape[-1])).astype(jnp.float32)
+        use_rows = form == "rows" or (form == "auto" and n < x.shape[-1])
+        forms.append((name, use_rows))
+        if use_rows:
+            payload += [x, w]
+        else:
+            payload.append(jnp.einsum("...ni,...nj->...ij", x * w[..., None], x, precision=_HIGHEST))
+    for name in scale_names:
+        x = next(it)
+        feat = x.ndim - len(full)
+        x = jnp.transpose(x, perm + list(range(len(full), x.ndim))).reshape(e_shape + (n,) + x.shape[len(full):])
+        x = x.astype(jnp.float32)
+        wx = w.reshape(w.shape + (1,) * feat)
+        payload.append(jnp.sum(wx * x * x, axis=len(e_shape)))
+    meta = (path, tuple(forms), tuple(scale_names))
+    jax.debug.callback(functools.partial(_host_add, meta), sink, layer, jnp.sum(w, axis=-1), *payload)
+    return jnp.zeros((), jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _emit_fn(meta_static: tuple, bflags: tuple) -> Callable:
+    from jax.custom_batching import custom_vmap
+
+    has_mask = meta_static[-1]
+    meta_static = meta_static[:-1]
+
+    @custom_vmap
+    def emit(sink, mask, idx, probe, *arrays):
+        return _emit_body(meta_static, bflags, sink, mask if has_mask else None, idx, probe, *arrays)
+
+    @emit.def_vmap
+    def emit_vmap(axis_size, in_batched, sink, mask, idx, probe, *arrays):
+        sink_b, mask_b, idx_b, *rest_b = in_batched
+        sink = sink[0] if sink_b else sink
+        mask = mask[0] if mask_b else mask
+        idx = idx if idx_b else jnp.broadcast_to(idx, (axis_size,) + idx.shape)
+        probe, *arrays = [x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                          for x, b in zip([probe, *arrays], rest_b)]
+        _emit_fn(meta_static + (has_mask,), (bool(idx_b),) + bflags)(sink, mask, idx, probe, *arrays)
+        return jnp.zeros((axis_size,), jnp.float32), True
+
+    return emit
+
+
+class _Trace:
+    """The state of one capture trace: ``phase`` is ``"shapes"`` (record every captured module's parameter shapes
+    inside its transforms, to learn the stack axes) or ``"emit"`` (hand the sums to sink ``sink``)."""
+
+    def __init__(self, phase: str, rules: Mapping[type, Rule | None], form: str, sink: Any = None,
+                 mask: Any = None, out_first: bool = False, stacks: Mapping[str, tuple] | None = None):
+        self.phase, self.rules, self.form, self.sink, self.mask = phase, rules, form, sink, mask
+        self.out_first = out_first
+        self.shapes: dict[str, dict[str, tuple]] = {}
+        self.stacks = dict(stacks or {})  # modules that carry no layer index of their own (bridged linen)
+        self.prefix = [""]  # path of the nnx.bridge.ToNNX module a linen module runs in
+
+
+_ACTIVE: list[_Trace] = []  # the capture being traced (a stack: nested captures are independent)
+
+
+def _check_width(path: str, name: str, x: jax.Array, kernel_shape: tuple, expected: int | None,
+                 out_first: bool) -> None:
+    """An input whose width no split of the kernel's axes gives is a wrong exemplar width: say so, naming the
+    layer, before the layer itself fails with a shape error."""
+    width = int(x.shape[-1])
+    axes = tuple(kernel_shape)[::-1] if out_first else tuple(kernel_shape)
+    valid = {int(np.prod(axes[:k], dtype=np.int64)) for k in range(1, len(axes))}
+    if width not in valid:
+        exp = expected if expected is not None else min(valid, default=0)
+        raise CaptureError(f"layer '{path or '<root>'}': expects inputs of width {exp} ('{name}' of shape {tuple(kernel_shape)}), "
+                           f"got width {width}; check the exemplars' feature dimension")
+
+
+def _tap(module: Any, path: str, rule: Rule, args: tuple, kwargs: dict, params: Mapping[str, Any],
+         layer: Any, specs: Mapping[str, Any] | None = None) -> None:
+    """Called just before a captured module runs (in whatever trace it runs in)."""
+    trace = _ACTIVE[-1]
+    captured = rule(module, args, kwargs)
+    if captured is None:
+        return
+    rows_shape = tuple(captured.rows_shape)
+    for name, x in captured.linear.items():
+        if tuple(x.shape[: len(rows_shape)]) != rows_shape or x.ndim != len(rows_shape) + 1:
+            raise CaptureError(f"module '{path}': linear input for '{name}' has shape {x.shape}, expected rows "
+                               f"{rows_shape} + (in,)")
+        if name in params:
+            spec = (specs or {}).get(name)
+            shape = tuple(np.shape(params[name]))
+            expected = spec.matrix_shape(shape)[0] if spec is not None else None
+            _check_width(path, name, x, shape, expected, trace.out_first)
+    for name, xhat in captured.scale.items():
+        if tuple(xhat.shape[: len(rows_shape)]) != rows_shape:
+            raise CaptureError(f"module '{path}': normalized input for '{name}' has shape {xhat.shape}, expected "
+                               f"leading rows {rows_shape}")
+    if trace.phase == "shapes":
+        trace.shapes[path] = {name: tuple(np.shape(v)) for name, v in params.items()}
+        return
+    if layer is None:
+        stack = trace.stacks.get(path)
+        if stack is None:  # a module that has no parameters of its own has nothing to fill
+            return
+        if stack != ():
+            raise CaptureError(f"module '{path}': its parameters are stacked {stack} but no layer index reaches it "
+                               "(a linen module inside nnx.bridge inside a lifted transform); capture the model "
+                               "unstacked")
+        layer = 0.0
+    linear_names, scale_names = tuple(captured.linear), tuple(captured.scale)
+    meta = (path, linear_names, scale_names, trace.form, trace.mask is not None)
+    # The probe's shape is the rows' shape; tying it to the call's input makes it mapped wherever the input is,
+    # so count-only layers (an equinox Embedding vmapped over tokens) count every mapped row. Its value is unused.
+    first = next((a for a in jax.tree.leaves((args, kwargs)) if isinstance(a, (jax.Array, np.ndarray))), None)
+    anchor = jnp.zeros((), jnp.float32) if first is None else jnp.sum(jnp.ravel(first)[:1]).astype(jnp.float32) * 0
+    probe = jnp.zeros(rows_shape, jnp.float32) + anchor
+    mask = trace.mask if trace.mask is not None else jnp.zeros((), bool)
+    _emit_fn(meta, ())(trace.sink, mask, jnp.asarray(layer, jnp.float32), probe,
+                       *captured.linear.values(), *captured.scale.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linen
+
+
+def _linen_interceptor(next_fun, args, kwargs, context):
+    trace = _ACTIVE[-1]
+    module = context.module
+    if context.method_name == "__call__" and not module.is_initializing():
+        rule = _rule_for(type(module), trace.rules)
+        if rule is not None:
+            variables = module.variables.get("params", {})
+            params = {k: v for k, v in variables.items() if k != _LAYER and not isinstance(v, Mapping)}
+            path = "/".join(p for p in (trace.prefix[-1], "/".join(module.path)) if p)
+            specs = {k: default_spec(f"{path}/{k}" if path else k, v) for k, v in params.items()}
+            _tap(module, path, rule, args, kwargs, params, variables.get(_LAYER), specs)
+    return next_fun(*args, **kwargs)
+
+
+def _run_linen(params, extra_variables, inputs, token_mask, sink, *, model, rules, kwargs, form, phase="emit"):
+    trace = _Trace(phase, dict(rules), form, sink, token_mask)
     apply_fn = model.apply if isinstance(model, nn.Module) else model
-    with nn.intercept_methods(recorder.interceptor):
-        apply_fn({**extra_variables, "params": params}, *inputs, **dict(kwargs))
-    return recorder.outputs(form)
+    _ACTIVE.append(trace)
+    try:
+        with nn.intercept_methods(_linen_interceptor):
+            apply_fn({**extra_variables, "params": params}, *inputs, **dict(kwargs))
+    finally:
+        _ACTIVE.pop()
+    return trace.shapes if phase == "shapes" else None
 
 
 # Static arguments are hashed, so equal models (linen modules are dataclasses) share one compiled function per
 # input shape across calls and tasks.
-_run_jit = jax.jit(_run, static_argnames=("model", "rules", "kwargs", "form"))
+_run_linen_jit = jax.jit(_run_linen, static_argnames=("model", "rules", "kwargs", "form", "phase"))
+
+
+def _with_layer_index(params: PyTree, stacks: Mapping[str, tuple]) -> PyTree:
+    """A copy of a linen params dict with a layer-index leaf beside the parameters of every captured module."""
+
+    def copy(node):
+        return {k: copy(v) for k, v in node.items()} if isinstance(node, Mapping) else node
+
+    out = copy(params)
+    for path, stack in stacks.items():
+        node = out
+        for name in path.split("/") if path else []:
+            node = node[name]
+        node[_LAYER] = np.arange(int(np.prod(stack, dtype=np.int64)), dtype=np.float32).reshape(stack)
+    return out
 
 
 class Capture(NamedTuple):
-    """The capture of one model, as a value: the model (a linen ``Module`` or an apply function), the rule table
-    and the keyword arguments of every call. Build with :func:`make_capture`; pass it to :func:`capture_stats` in
-    place of the model.
+    """The capture of one linen model, as a value: the model (a linen ``Module`` or an apply function), the rule
+    table and the keyword arguments of every call. Build with :func:`make_capture`; pass it to
+    :func:`capture_stats` in place of the model.
     """
 
     model: Any
     rules: tuple
     kwargs: tuple
 
-    def run(self, params, extra_variables, inputs, token_mask, form):
-        static = dict(model=self.model, rules=self.rules, kwargs=self.kwargs, form=form)
+    def _call(self, phase, params, extra_variables, inputs, token_mask, sink, form):
+        static = dict(model=self.model, rules=self.rules, kwargs=self.kwargs, form=form, phase=phase)
+        if phase == "shapes":
+            out = {}
+
+            def shapes(*a):
+                out.update(_run_linen(*a, **static))
+                return 0
+
+            jax.eval_shape(shapes, params, extra_variables, inputs, token_mask, sink)
+            return out
         try:
             hash((self.model, self.rules, self.kwargs))
         except TypeError:  # unhashable keyword arguments: compile for this call only
-            return jax.jit(functools.partial(_run, **static))(params, extra_variables, inputs, token_mask)
-        return _run_jit(params, extra_variables, inputs, token_mask, **static)
+            return jax.jit(functools.partial(_run_linen, **static))(params, extra_variables, inputs, token_mask, sink)
+        return _run_linen_jit(params, extra_variables, inputs, token_mask, sink, **static)
+
+    def stack_shapes(self, params, extra_variables, inputs, token_mask, form):
+        return self._call("shapes", params, extra_variables, inputs, token_mask, np.int32(0), form)
+
+    def run(self, params, extra_variables, inputs, token_mask, form, stacks, sink):
+        self._call("emit", _with_layer_index(params, stacks), extra_variables, inputs, token_mask, sink, form)
 
 
 def make_capture(apply_fn_or_module: Any, *, rules: Mapping[type, Rule | None] | None = None,
                  **kwargs: Any) -> Capture:
-    """The capture of one model.
+    """The capture of one linen model.
 
     Args:
       apply_fn_or_module: a linen ``Module`` or a function with ``Module.apply``'s signature,
@@ -394,58 +761,377 @@ def make_capture(apply_fn_or_module: Any, *, rules: Mapping[type, Rule | None] |
     return Capture(model=apply_fn_or_module, rules=tuple(table.items()), kwargs=tuple(sorted(kwargs.items())))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# nnx: the module is split outside and merged inside the traced function; the merged copies of the captured
+# modules are tagged with their path (a static attribute, which nnx transforms carry through split/merge) and a
+# layer-index Param (which nnx.scan / nnx.vmap slice with the other params), and the __call__ of their classes is
+# wrapped while the function is traced (restored in ``finally``).
+
+
+def _nnx_layer_type():
+    from flax import nnx
+
+    global _NNX_LAYER_INDEX
+    if _NNX_LAYER_INDEX is None:
+        class _LayerIndex(nnx.Param):
+            """The layer index of a captured module (a Param, so that filters on Param slice it with the weights)."""
+
+        _NNX_LAYER_INDEX = _LayerIndex
+    return _NNX_LAYER_INDEX
+
+
+_NNX_LAYER_INDEX = None
+_TAG = "_catmerge_path"
+_TAG_LAYER = "_catmerge_layer"
+
+
+def _nnx_params(module: Any) -> dict[str, Any]:
+    from flax import nnx
+
+    layer_type = _nnx_layer_type()
+    return {k: v[...] for k, v in vars(module).items()
+            if isinstance(v, nnx.Param) and not isinstance(v, layer_type)}
+
+
+def _patched_call(original: Callable) -> Callable:
+    active: set[int] = set()
+
+    @functools.wraps(original)
+    def __call__(self, *args, **kwargs):
+        path = getattr(self, _TAG, None)
+        if path is None or id(self) in active or not _ACTIVE:
+            return original(self, *args, **kwargs)
+        active.add(id(self))
+        try:
+            from catmerge_jax.modules import _nnx_specs
+
+            layer = getattr(self, _TAG_LAYER, None)
+            rule = _rule_for(type(self), _ACTIVE[-1].rules)
+            _tap(self, path, rule, args, kwargs, _nnx_params(self), None if layer is None else layer[...],
+                 _nnx_specs(self))
+            return original(self, *args, **kwargs)
+        finally:
+            active.discard(id(self))
+
+    return __call__
+
+
+def _bridged_call(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __call__(self, *args, **kwargs):
+        trace = _ACTIVE[-1] if _ACTIVE else None
+        path = getattr(trace, "bridges", {}).get(id(self))
+        if path is None:
+            return original(self, *args, **kwargs)
+        trace.prefix.append(path)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            trace.prefix.pop()
+
+    return __call__
+
+
+def _run_nnx(graphdef, params, rest, inputs, token_mask, sink, *, stacks, rules, kwargs, form, phase="emit"):
+    from flax import nnx
+    from flax.nnx import bridge
+
+    table = dict(rules)
+    stacks = dict(stacks)
+    module = nnx.merge(graphdef, params, rest)
+    classes = {}
+    bridges: dict[int, str] = {}
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Module) and _rule_for(type(node), table) is not None:
+            p = "/".join(str(k) for k in path)
+            setattr(node, _TAG, p)
+            if phase == "emit" and p in stacks:
+                stack = stacks[p]
+                setattr(node, _TAG_LAYER, _nnx_layer_type()(
+                    jnp.arange(int(np.prod(stack, dtype=np.int64)), dtype=jnp.float32).reshape(stack)))
+            owner = next(c for c in type(node).__mro__ if "__call__" in c.__dict__)
+            classes[owner] = _patched_call(owner.__dict__["__call__"])
+        elif isinstance(node, bridge.ToNNX):  # it turns attributes into linen variables: no tag, a side table
+            bridges[id(node)] = "/".join(str(k) for k in path)
+            classes[bridge.ToNNX] = _bridged_call(bridge.ToNNX.__dict__["__call__"])
+    trace = _Trace(phase, table, form, sink, token_mask, stacks=stacks)
+    trace.bridges = bridges
+    originals = {owner: owner.__dict__["__call__"] for owner in classes}
+    _ACTIVE.append(trace)
+    try:
+        for owner, patched in classes.items():
+            owner.__call__ = patched
+        # linen modules inside nnx.bridge.ToNNX are seen by the linen interceptor, under the bridge's path
+        with nn.intercept_methods(_linen_interceptor):
+            module(*inputs, **dict(kwargs))
+    finally:
+        for owner, original in originals.items():
+            owner.__call__ = original
+        _ACTIVE.pop()
+    return trace.shapes if phase == "shapes" else None
+
+
+_run_nnx_jit = jax.jit(_run_nnx, static_argnames=("graphdef", "stacks", "rules", "kwargs", "form", "phase"))
+
+
+class _NnxCapture(NamedTuple):
+    graphdef: Any
+    rest: Any
+    rules: tuple
+    kwargs: tuple
+
+    def stack_shapes(self, params, extra_variables, inputs, token_mask, form):
+        out = {}
+
+        def shapes(params, rest, inputs, token_mask):
+            out.update(_run_nnx(self.graphdef, params, rest, inputs, token_mask, None, stacks=(), rules=self.rules,
+                                kwargs=self.kwargs, form=form, phase="shapes"))
+            return 0
+
+        jax.eval_shape(shapes, params, self.rest, inputs, token_mask)
+        return out
+
+    def run(self, params, extra_variables, inputs, token_mask, form, stacks, sink):
+        static = dict(graphdef=self.graphdef, stacks=tuple(sorted((p, tuple(s)) for p, s in stacks.items())),
+                      rules=self.rules, kwargs=self.kwargs, form=form)
+        try:
+            hash(self.kwargs)
+        except TypeError:  # unhashable keyword arguments: compile for this call only
+            jax.jit(lambda *a: _run_nnx(static["graphdef"], *a, **{k: v for k, v in static.items() if k != "graphdef"}))(
+                params, self.rest, inputs, token_mask, sink)
+            return
+        _run_nnx_jit(self.graphdef, params, self.rest, inputs, token_mask, sink,
+                     **{k: v for k, v in static.items() if k != "graphdef"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# equinox: every captured submodule is replaced (eqx.tree_at-style, by a tree map) with a recording wrapper that
+# holds the module, its path (static) and its layer index (a float array: eqx.partition(..., eqx.is_array) or
+# is_inexact_array puts it with the weights, so a user's scan over stacked layers slices it too).
+
+
+@functools.lru_cache(maxsize=None)
+def _eqx_tap_type():
+    import equinox as eqx
+
+    class _Tap(eqx.Module):
+        inner: Any
+        layer: Any
+        path: str = eqx.field(static=True)
+
+        def __call__(self, *args, **kwargs):
+            from catmerge_jax.modules import _eqx_specs
+
+            rule = _rule_for(type(self.inner), _ACTIVE[-1].rules) if _ACTIVE else None
+            if rule is not None:
+                params = {f.name: getattr(self.inner, f.name) for f in dataclasses.fields(self.inner)
+                          if eqx.is_inexact_array(getattr(self.inner, f.name, None))}
+                _tap(self.inner, self.path, rule, args, kwargs, params, self.layer, _eqx_specs(self.inner))
+            return self.inner(*args, **kwargs)
+
+        def __getattr__(self, name):
+            # tied weights and helper methods (``self.embed.weight``) read through the wrapper
+            if name in ("inner", "layer", "path") or name.startswith("__"):
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    return _Tap
+
+
+def _eqx_wrap(model: Any, rules: Mapping[type, Rule | None], stacks: Mapping[str, tuple] | None) -> Any:
+    import equinox as eqx
+
+    from catmerge_jax.tree import path_str
+
+    tap = _eqx_tap_type()
+
+    def wrap(prefix: str, node: Any) -> Any:
+        def visit(kp, child):
+            if isinstance(child, eqx.Module):
+                return wrap(f"{prefix}/{path_str(kp)}" if prefix else path_str(kp), child)
+            return child
+
+        inner = jax.tree_util.tree_map_with_path(
+            visit, node, is_leaf=lambda x: x is not node and isinstance(x, eqx.Module))
+        if _rule_for(type(node), rules) is None:
+            return inner
+        if stacks is None:  # the shapes phase: no index yet (a scalar would not scan with stacked weights)
+            layer = None
+        else:
+            stack = tuple(stacks.get(prefix, ()))
+            layer = jnp.arange(int(np.prod(stack, dtype=np.int64)), dtype=jnp.float32).reshape(stack)
+        return tap(inner=inner, layer=layer, path=prefix)
+
+    return wrap("", model)
+
+
+def _run_eqx(dynamic, static, inputs, token_mask, sink, *, rules, kwargs, form, phase="emit"):
+    import equinox as eqx
+
+    model = eqx.combine(dynamic, static)
+    trace = _Trace(phase, dict(rules), form, sink, token_mask, out_first=True)
+    _ACTIVE.append(trace)
+    try:
+        jax.vmap(lambda *xs: model(*xs, **dict(kwargs)))(*inputs)
+    finally:
+        _ACTIVE.pop()
+    return trace.shapes if phase == "shapes" else None
+
+
+_run_eqx_jit = jax.jit(_run_eqx, static_argnames=("static", "rules", "kwargs", "form", "phase"))
+
+
+class _EqxCapture(NamedTuple):
+    model: Any
+    rules: tuple
+    kwargs: tuple
+
+    def _wrapped(self, params, stacks):
+        import equinox as eqx
+
+        model = eqx.combine(params, eqx.filter(self.model, eqx.is_inexact_array, inverse=True))
+        return eqx.partition(_eqx_wrap(model, dict(self.rules), stacks), eqx.is_array)
+
+    def stack_shapes(self, params, extra_variables, inputs, token_mask, form):
+        dynamic, static = self._wrapped(params, None)
+        out = {}
+
+        def shapes(dynamic, inputs, token_mask):
+            out.update(_run_eqx(dynamic, static, inputs, token_mask, None, rules=self.rules, kwargs=self.kwargs,
+                                form=form, phase="shapes"))
+            return 0
+
+        jax.eval_shape(shapes, dynamic, inputs, token_mask)
+        return out
+
+    def run(self, params, extra_variables, inputs, token_mask, form, stacks, sink):
+        dynamic, static = self._wrapped(params, stacks)
+        try:
+            hash((static, self.kwargs))
+        except TypeError:
+            jax.jit(lambda d, i, m, k: _run_eqx(d, static, i, m, k, rules=self.rules, kwargs=self.kwargs,
+                                                form=form))(dynamic, inputs, token_mask, sink)
+            return
+        _run_eqx_jit(dynamic, static, inputs, token_mask, sink, rules=self.rules, kwargs=self.kwargs, form=form)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side: one forward pass's sink → a stats tree mirroring the params.
+
+
 def _split(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def _subtree(params: PyTree, path: str) -> Any:
-    node = params
-    for name in path.split("/") if path else []:
-        if not isinstance(node, Mapping) or name not in node:
-            raise CaptureError(f"the model has a module at '{path}' but params has no such entry; pass the same "
-                               "params tree the model was initialized with (without the 'params' collection key)")
-        node = node[name]
-    return node
+def _stack_axes(shapes: Mapping[str, Mapping[str, tuple]], leaves: Mapping[str, Any]) -> dict[str, tuple]:
+    """``{module path: stack shape}``: the leading axes a module's outer parameters have beyond what it sees."""
+    stacks = {}
+    for path, inner in shapes.items():
+        stack = None
+        for name, shape in inner.items():
+            leaf_path = f"{path}/{name}" if path else name
+            if leaf_path not in leaves:
+                raise CaptureError(f"the model has a module at '{path}' with parameter '{name}' but params has no "
+                                   f"leaf '{leaf_path}'; pass the params tree this model uses")
+            outer = tuple(np.shape(leaves[leaf_path]))
+            k = len(outer) - len(shape)
+            if k < 0 or outer[k:] != tuple(shape):
+                raise CaptureError(f"leaf '{leaf_path}' has shape {outer} but its layer uses it as {tuple(shape)}")
+            if stack is not None and outer[:k] != stack:
+                raise CaptureError(f"module '{path}': its parameters are stacked inconsistently ({stack} vs "
+                                   f"{outer[:k]} for '{name}')")
+            stack = outer[:k]
+        if stack is not None:  # a module without parameters of its own has nothing to fill
+            stacks[path] = stack
+    return stacks
 
 
-def _to_stats(params: PyTree, sums: dict) -> PyTree:
-    """Host-side: traced sums of one batch → a stats tree mirroring ``params``."""
+def _per_layer(values: Mapping[int, Any], stack: tuple, make: Callable[[Any], np.ndarray]) -> np.ndarray:
+    count = int(np.prod(stack, dtype=np.int64))
+    bad = [l for l in values if not 0 <= l < count]
+    if bad:
+        raise CaptureError(f"a captured call reported layer {bad[0]} of a stack of {count}")
+    arrays = [make(values.get(l)) for l in range(count)]
+    out = np.stack(arrays) if arrays else np.zeros((0,))
+    return out.reshape(tuple(stack) + out.shape[1:])
+
+
+def _sink_to_stats(sink: _Sink, params: PyTree, stacks: Mapping[str, tuple], form: str) -> PyTree:
+    leaves = dict(leaves_with_paths(params))
+    children: dict[str, list[str]] = {}
+    for leaf_path in leaves:
+        parent, _, name = leaf_path.rpartition("/")
+        children.setdefault(parent, []).append(leaf_path)
     by_path: dict[str, LeafStats] = {}
-    counts = {p: np.float32(n) for p, n in sums["count"].items()}
-    for module_path, n in counts.items():
-        node = _subtree(params, module_path)
-        if not isinstance(node, Mapping):
-            continue
-        for name, leaf in node.items():
-            if not isinstance(leaf, Mapping):
-                by_path[f"{module_path}/{name}" if module_path else name] = count_stats(n)
 
-    def module_count(leaf_path: str) -> np.float32:
-        return counts[leaf_path.rsplit("/", 1)[0] if "/" in leaf_path else ""]
+    def as_count(stack, values):
+        c = _per_layer(values, stack, lambda v: np.float32(0.0 if v is None else v))
+        return np.float32(c) if c.ndim == 0 else c.astype(np.float32)
 
-    for p, gram in sums["gram"].items():
-        by_path[p] = LeafStats(count=module_count(p), gram=np.asarray(gram, np.float32))
-    for p, (rows, weights) in sums["rows"].items():
-        keep = np.asarray(weights) > 0
-        by_path[p] = LeafStats(count=module_count(p), rows=np.asarray(rows, np.float32)[keep])
-    for p, sq in sums["scale"].items():
-        by_path[p] = LeafStats(count=module_count(p), sq_sum=np.asarray(sq, np.float32))
+    for path, counts in sink.count.items():
+        stack = stacks.get(path, ())
+        count = as_count(stack, counts)
+        for leaf_path in children.get(path, []):
+            if leaf_path.rpartition("/")[2] != _LAYER:
+                by_path[leaf_path] = LeafStats(count=count)
+    for (path, name), grams in sink.gram.items():
+        _merge_linear(by_path, path, name, stacks.get(path, ()), grams, sink.rows.get((path, name), {}), form)
+    for (path, name), rows in sink.rows.items():
+        if (path, name) not in sink.gram:
+            _merge_linear(by_path, path, name, stacks.get(path, ()), {}, rows, form)
+    for (path, name), sq in sink.scale.items():
+        stack = stacks.get(path, ())
+        feat = np.shape(next(iter(sq.values())))
+        leaf = f"{path}/{name}" if path else name
+        by_path[leaf] = dataclasses.replace(
+            by_path[leaf], sq_sum=_per_layer(sq, stack, lambda v: np.zeros(feat) if v is None else v
+                                            ).astype(np.float32))
     try:
         return stats_from_arrays(params, by_path)
     except KeyError as e:
         raise CaptureError(f"captured {e.args[0]}; check that params belongs to this model") from None
 
 
+def _merge_linear(by_path, path, name, stack, grams, rows, form):
+    leaf = f"{path}/{name}" if path else name
+    width = (np.shape(next(iter(grams.values())))[-1] if grams else
+             next(r.shape[-1] for parts in rows.values() for r in parts))
+    stacked_rows = {l: np.concatenate(parts, axis=0) for l, parts in rows.items()}
+    most = max((r.shape[0] for r in stacked_rows.values()), default=0)
+    if grams or form == "gram" or (form == "auto" and most >= width):
+        def gram(l):
+            g = np.zeros((width, width))
+            if grams.get(l) is not None:
+                g = g + grams[l]
+            if l in stacked_rows:
+                r = stacked_rows[l].astype(np.float64)
+                g = g + r.T @ r
+            return g
+
+        layers = range(int(np.prod(stack, dtype=np.int64)))
+        value = _per_layer({l: gram(l) for l in layers}, stack, lambda v: v).astype(np.float32)
+        by_path[leaf] = dataclasses.replace(by_path[leaf], gram=value)
+        return
+
+    def padded(r):
+        r = np.zeros((0, width), np.float32) if r is None else r
+        return np.concatenate([r, np.zeros((most - r.shape[0], width), np.float32)], axis=0)
+
+    by_path[leaf] = dataclasses.replace(by_path[leaf], rows=_per_layer(stacked_rows, stack, padded).astype(np.float32))
+
+
 def _check_against_roles(params: PyTree, stats: PyTree, roles: Overrides) -> None:
     """Every LINEAR leaf with captured inputs must have as many input features as its matrix view has rows."""
+    from catmerge_jax.modules import stacked_spec
+
     specs = dict(leaves_with_paths(classify(params, roles), is_leaf=is_spec))
     leaves = dict(leaves_with_paths(params))
     for path, s in leaves_with_paths(stats, is_leaf=lambda x: isinstance(x, LeafStats)):
-        spec = specs[path]
+        leaf = leaves[path]
+        spec = stacked_spec(specs[path], s, np.shape(leaf))
         if spec.role is not Role.LINEAR or not s.has_linear:
             continue
         seen = (s.gram if s.gram is not None else s.rows).shape[-1]
-        leaf = leaves[path]
         expected = spec.matrix_shape(np.shape(leaf))[0]
         if seen != expected:
             raise CaptureError(f"leaf '{path}' of shape {np.shape(leaf)} is read as a {spec.matrix_shape(np.shape(leaf))} "
@@ -453,38 +1139,74 @@ def _check_against_roles(params: PyTree, stats: PyTree, roles: Overrides) -> Non
                                "fix its role with roles={path: LeafSpec(Role.LINEAR, in_axes=...)}")
 
 
-def capture_stats(apply_fn_or_module: Any, params: PyTree, *inputs: Any, token_mask: Any = None,
+def _capture_of(model: Any, params: PyTree, inputs: tuple, rules, kwargs) -> tuple[Any, PyTree, tuple, Overrides]:
+    """``(capture value, params tree the stats mirror, model inputs, module-type roles)`` for any kind of model."""
+    from catmerge_jax.modules import is_eqx_module, is_nnx_module, split_params
+
+    if isinstance(model, Capture):
+        if rules or kwargs:
+            raise CaptureError("rules and model keyword arguments belong to make_capture() when a Capture is given")
+        return model, params, inputs, None
+    if is_nnx_module(model) or is_eqx_module(model):
+        from flax import nnx
+
+        inputs = (params,) + tuple(inputs) if params is not None else tuple(inputs)
+        table = {**DEFAULT_RULES, **_nnx_rules()} if is_nnx_module(model) else _eqx_rules()
+        table.update(rules or {})
+        split = split_params(model)
+        if is_nnx_module(model):
+            graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+            cap = _NnxCapture(graphdef, rest, tuple(table.items()), tuple(sorted(kwargs.items())))
+        else:
+            cap = _EqxCapture(model, tuple(table.items()), tuple(sorted(kwargs.items())))
+        return cap, split.params, inputs, split.roles
+    return make_capture(model, rules=rules, **kwargs), params, inputs, None
+
+
+def capture_stats(apply_fn_or_module: Any, params: PyTree = None, *inputs: Any, token_mask: Any = None,
                   form: str = "auto", roles: Overrides = None, batch_size: int | None = 32,
                   extra_variables: Mapping[str, Any] | None = None, rules: Mapping[type, Rule | None] | None = None,
                   progress: bool = False, **kwargs: Any) -> PyTree:
-    """Exemplar statistics of every layer of a linen model, as a stats tree mirroring ``params``.
+    """Exemplar statistics of every layer of a linen, nnx or equinox model, as a stats tree mirroring its params.
+
+    Three forms::
+
+        capture_stats(linen_model, params, *inputs)   # stats mirror params
+        capture_stats(nnx_module, *inputs)            # stats mirror nnx.state(module, nnx.Param)
+        capture_stats(eqx_module, *inputs)            # stats mirror eqx.filter(module, eqx.is_inexact_array)
+
+    An equinox module acts on one example, so it is mapped (``jax.vmap``) over the inputs' leading exemplar axis;
+    linen and nnx models get the batch as is. Modules inside lifted transforms (``nn.scan``, ``nn.remat``,
+    ``nn.vmap``, ``nnx.scan``, ``nnx.remat``, ``nnx.vmap``, a ``jax.lax.scan`` over stacked equinox layers) are
+    captured too; a leaf that stacks ``L`` layers gets per-layer statistics (``count (L,)``, ``gram (L, in, in)``).
 
     Args:
-      apply_fn_or_module: a linen ``Module``, a function with ``Module.apply``'s signature, or a :class:`Capture`
-        from :func:`make_capture` (then ``rules``/``kwargs`` were fixed when it was made).
-      params: the ``"params"`` collection, e.g. ``W0 + T_k`` for task k.
+      apply_fn_or_module: a linen ``Module``, a function with ``Module.apply``'s signature, a :class:`Capture`
+        from :func:`make_capture` (then ``rules``/``kwargs`` were fixed when it was made), an ``nnx.Module`` or an
+        ``equinox.Module``.
+      params: linen: the ``"params"`` collection, e.g. ``W0 + T_k`` for task k. nnx/equinox: the first input
+        (the module carries its own parameters).
       *inputs: model inputs, each with a leading exemplar axis ``N`` (split into batches of ``batch_size``).
-      token_mask: optional bool ``(N, ...)`` (e.g. ``(N, seq)``) — False marks padding, which never counts.
+      token_mask: optional bool ``(N, ...)`` (e.g. ``(N, seq)``) — False marks padding, which never counts. It
+        applies to every captured input whose leading row axes (batch axes included) equal its shape.
       form: ``"gram"``, ``"rows"`` or ``"auto"`` (rows while a batch has fewer rows than input features).
       roles: role overrides (as for :func:`catmerge_jax.roles.classify`); used to check that every linear kernel's
         matrix view matches the inputs its layer receives.
       batch_size: exemplars per forward pass (``None``: all at once).
-      extra_variables: other collections the model needs, e.g. ``{"batch_stats": ...}``.
+      extra_variables: linen: other collections the model needs, e.g. ``{"batch_stats": ...}``.
       rules: extra capture rules (see the module docstring).
       progress: show a tqdm bar over batches.
       **kwargs: passed to every call of the model.
 
     Returns:
-      A tree like ``params`` with a :class:`LeafStats` at every leaf (``count=0`` where the forward pass never went).
+      A tree like the params with a :class:`LeafStats` at every leaf (``count=0`` where the forward pass never
+      went).
     """
     if form not in ("auto", "gram", "rows"):
         raise CatMergeError(f"form must be 'auto', 'gram' or 'rows', got {form!r}")
+    capture, params, inputs, type_roles = _capture_of(apply_fn_or_module, params, inputs, rules, kwargs)
     if not inputs:
         raise CaptureError("capture_stats needs at least one input array")
-    capture = (apply_fn_or_module if isinstance(apply_fn_or_module, Capture)
-               else make_capture(apply_fn_or_module, rules=rules, **kwargs))
-    if isinstance(apply_fn_or_module, Capture) and (rules or kwargs):
-        raise CaptureError("rules and model keyword arguments belong to make_capture() when a Capture is given")
     arrays = [jnp.asarray(x) for x in inputs]
     n = arrays[0].shape[0] if arrays[0].ndim else 0
     for i, x in enumerate(arrays):
@@ -502,19 +1224,44 @@ def capture_stats(apply_fn_or_module: Any, params: PyTree, *inputs: Any, token_m
     from tqdm.auto import tqdm
 
     extra = dict(extra_variables or {})
+    leaves = dict(leaves_with_paths(params))
     total = None
+    stacks = None
     for sl in tqdm(_split(n, size), desc="capture", unit="batch", disable=not progress, leave=False):
+        batch_inputs = [x[sl] for x in arrays]
+        batch_mask = None if mask is None else mask[sl]
+        if stacks is None:
+            stacks = _stack_axes(capture.stack_shapes(params, extra, batch_inputs, batch_mask, form), leaves)
+        sink_id = next(_SINK_IDS)
+        _SINKS[sink_id] = sink = _Sink()
         try:
-            sums = capture.run(params, extra, [x[sl] for x in arrays], None if mask is None else mask[sl], form)
-        except jax.errors.UnexpectedTracerError as e:
-            raise CaptureError("a captured module runs inside a lifted transform (nn.scan / nn.vmap / nn.remat), "
-                               "whose inner trace cannot be captured; apply the model without it") from e
-        batch = _to_stats(params, jax.device_get(sums))
+            capture.run(params, extra, batch_inputs, batch_mask, form, stacks, np.int32(sink_id))
+            jax.effects_barrier()
+        finally:
+            del _SINKS[sink_id]
+        batch = _sink_to_stats(sink, params, stacks, form)
         total = batch if total is None else stats_add(total, batch)
-    _check_against_roles(params, total, roles)
+    if not any(np.any(np.asarray(s.count) > 0) for _, s in leaves_with_paths(total, is_leaf=lambda x: isinstance(x, LeafStats))):
+        warnings.warn("capture_stats: the forward pass ran no module this capture knows, so every leaf has "
+                      "count 0 (no statistics at all). A model wrapped in another framework's modules (nnx.bridge, a "
+                      "linen module inside nnx, ...) is captured through the outer framework only: capture the inner "
+                      "model itself, or add rules= for your own layer types", stacklevel=2)
+    merged_roles = roles
+    if type_roles:
+        merged_roles = (lambda p, x: _lookup_roles(roles, type_roles, p, x))
+    _check_against_roles(params, total, merged_roles)
     return total
+
+
+def _lookup_roles(user: Overrides, by_type: Mapping[str, Any], path: str, leaf: Any):
+    from catmerge_jax.roles import lookup_override as _lookup
+
+    chosen = _lookup(user, path, leaf)
+    return chosen if chosen is not None else by_type.get(path)
 
 
 __all__ = ["capture_stats", "make_capture", "Capture", "Captured", "CaptureError", "Rule", "DEFAULT_RULES",
            "conv_patches", "dense_rule", "dense_general_rule", "conv_rule", "layer_norm_rule", "rms_norm_rule",
-           "batch_norm_rule", "group_norm_rule", "embed_rule"]
+           "batch_norm_rule", "group_norm_rule", "embed_rule", "nnx_linear_rule", "nnx_linear_general_rule",
+           "nnx_conv_rule", "nnx_layer_norm_rule", "nnx_rms_norm_rule", "nnx_batch_norm_rule", "nnx_embed_rule",
+           "eqx_linear_rule", "eqx_conv_rule", "eqx_layer_norm_rule", "eqx_rms_norm_rule", "eqx_embedding_rule"]

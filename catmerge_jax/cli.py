@@ -11,15 +11,21 @@
 ``--method`` lists every registered method (:func:`catmerge_jax.methods.registry.available_methods`). Each
 method keeps its own defaults (``MergeMethod.defaults``: alpha 0.3 for task arithmetic and CAT, lam 5, c 3; TIES
 keeps the top 20% with alpha 1); ``--alpha/--lam/--c`` reach the methods that take them, ``--hparam NAME=VALUE``
-sets any other. Errors a user can fix print one line to stderr and exit with status 2.
+sets any other (checked like the flags; ``stats``, ``roles``, ``progress`` and a method's computed inputs are
+reserved). Errors a user can fix print one line to stderr and exit with status 2; Ctrl-C exits 130 and SIGTERM 143,
+both after removing the run's temporary folder. What ``--out`` may be is checked before any work
+(:func:`catmerge_jax.pipeline.prepare_output`).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import math
+import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 import catmerge_jax.methods  # noqa: F401 — importing the package registers every method
@@ -36,9 +42,62 @@ def _hparam(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     try:
         parsed = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-        parsed = value.strip()
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        try:
+            parsed = float(value)  # nan, inf: numbers, so they get the "must be finite" check
+        except ValueError:
+            parsed = value.strip()
     return name.strip(), parsed
+
+
+RESERVED_HPARAMS = ("stats", "roles", "progress", "pretrained", "finetuned")
+"""Keywords of ``MergeMethod.merge`` that catmerge sets itself; ``--hparam`` may not set them (nor a method's
+``extras``, e.g. ``fishers``, which the pipeline computes)."""
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_value(flag: str, name: str, value: Any, default: Any = None) -> None:
+    """The checks every hyperparameter gets, whether it came from ``--alpha`` or ``--hparam alpha=...``."""
+    if name in ("alpha", "lam") or _is_number(default) or isinstance(value, float):
+        if not _is_number(value):
+            raise HyperparameterError(f"{flag} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise HyperparameterError(f"{flag} must be a finite number, got {value}")
+    if name == "lam" and value < 0:
+        raise HyperparameterError(f"{flag} must be >= 0, got {value}")
+    if name == "c" or (type(default) is int and name not in ("alpha", "lam")):
+        if type(value) is not int:
+            raise HyperparameterError(f"{flag} must be an integer, got {value!r}")
+    if name == "c" and value < 0:
+        raise HyperparameterError(f"{flag} must be >= 0, got {value}")
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise HyperparameterError(f"{flag} must be True or False, got {value!r}")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise HyperparameterError(f"{flag} must be a name, got {value!r}")
+
+
+def check_hparams(method, given: dict[str, Any], extra: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Validate the flags and the ``--hparam`` pairs the same way; returns the ``--hparam`` settings as a dict."""
+    for name, value in given.items():
+        if value is not None:
+            _check_value(f"--{name}", name, value, method.defaults.get(name))
+    out: dict[str, Any] = {}
+    for name, value in extra:
+        flag = f"--hparam {name}"
+        if name in RESERVED_HPARAMS or name in method.extras:
+            raise HyperparameterError(f"{flag} is reserved: catmerge sets '{name}' itself")
+        if not name.isidentifier():
+            raise HyperparameterError(f"{flag}: '{name}' is not a hyperparameter name")
+        if name in out:
+            raise HyperparameterError(f"{flag} is given twice")
+        if given.get(name) is not None:
+            raise HyperparameterError(f"{flag} repeats --{name}; give it once")
+        _check_value(flag, name, value, method.defaults.get(name))
+        out[name] = value
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tuned model folder (repeat once per task)")
     merge.add_argument("--exemplars", action="extend", nargs="+", metavar="FILE", default=None,
                        help="one exemplar file per task, in --task order: UTF-8 text with one example per line "
-                            "(text models) or a float32 .npy (N, H, W, 3) of preprocessed pixels (vision models)")
+                            "(text models) or a float32 .npy (N, H, W, 3) of preprocessed pixels (vision models), "
+                            'or JSON Lines of {"image": PATH, "text": TEXT} (BLIP; paths relative to the file)')
     merge.add_argument("--alpha", type=float, help="merge scale (method default if omitted)")
     merge.add_argument("--lam", type=float, help="CAT trade-off lambda >= 0 (default 5)")
     merge.add_argument("--c", type=int, help="CAT basis / mask size (default 3)")
@@ -75,29 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_given(given: dict[str, Any]) -> None:
-    """Cheap checks before any checkpoint is read (the method validates again)."""
-    for name in ("alpha", "lam"):
-        value = given.get(name)
-        if value is not None and not math.isfinite(value):
-            raise HyperparameterError(f"--{name} must be a finite number, got {value}")
-    if given.get("lam") is not None and given["lam"] < 0:
-        raise HyperparameterError(f"--lam must be >= 0, got {given['lam']}")
-    if given.get("c") is not None and given["c"] < 0:
-        raise HyperparameterError(f"--c must be >= 0, got {given['c']}")
-
-
 def run_merge(args: argparse.Namespace) -> int:
     from catmerge_jax import pipeline
 
     method = get_method(args.method)
     given = {"alpha": args.alpha, "lam": args.lam, "c": args.c}
-    _check_given(given)
+    # Cheap checks before any checkpoint is read (the method validates again).
+    extra = check_hparams(method, given, args.hparam)
     if args.batch_size < 1:
         raise HyperparameterError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not math.isfinite(args.feature_scale):
+        raise HyperparameterError(f"--feature-scale must be a finite number, got {args.feature_scale}")
     hparams, ignored = pipeline.resolve_hparams(method, given)
     # Any other keyword of the method (e.g. cat's joint=True); the method rejects names it does not take.
-    hparams.update(dict(args.hparam))
+    hparams.update(extra)
     if ignored and not args.quiet:
         print(f"note: method '{method.name}' takes no {', '.join('--' + n for n in ignored)}; ignored",
               file=sys.stderr)
@@ -126,16 +177,42 @@ def run_example(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt, so the same clean-up runs
+    (temporary folders removed) before the process exits with ``128 + SIGTERM``."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point (``catmerge = "catmerge_jax.cli:main"``). Returns the exit status."""
+    """Entry point (``catmerge = "catmerge_jax.cli:main"``). Returns the exit status: 0, 2 for an error the
+    user can fix (one line on stderr), 130 after SIGINT (Ctrl-C), 143 after SIGTERM."""
     args = build_parser().parse_args(argv)
     handlers = {"merge": run_merge, "roles": run_roles, "example": run_example}
     try:
-        return handlers[args.command](args)
+        with _sigterm_as_interrupt():
+            return handlers[args.command](args)
     except CatMergeError as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"catmerge: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:
+        print("catmerge: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("catmerge: interrupted", file=sys.stderr)
         return 130

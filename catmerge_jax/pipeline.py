@@ -26,13 +26,15 @@ import jax
 import numpy as np
 
 from catmerge_jax.capture import Capture, capture_stats, make_capture
-from catmerge_jax.errors import CatMergeError, HyperparameterError, TreeMismatchError
+from catmerge_jax.errors import CatMergeError, HyperparameterError, NonFiniteError, TreeMismatchError
 from catmerge_jax.methods.registry import MergeMethod, get_method
 from catmerge_jax.roles import Overrides
 from catmerge_jax.tree import PyTree, check_same_structure, tree_add, tree_scale, tree_sub
 
 TEXT_KINDS = ("bert", "roberta")
 IMAGE_KINDS = ("clip_vision",)
+VL_KINDS = ("blip_vqa", "blip_caption")
+"""Vision-language kinds: exemplars are JSON Lines of ``{"image", "text"}`` (:func:`read_vl_exemplars`)."""
 MAX_TOKENS = 128
 """Text exemplars are truncated to this many tokens (special tokens included)."""
 
@@ -76,6 +78,10 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            what = "a file" if os.path.isfile(folder) else "not a folder"
+            raise InputError(f"checkpoint folder {folder} is {what}; give the model folder (the one holding "
+                             "config.json)")
         raise InputError(f"checkpoint folder {folder} does not exist")
     try:
         kind, config, params, meta = load_hf_folder(folder, dtype=np.float32)
@@ -100,11 +106,36 @@ def check_compatible(base: Checkpoint, task: Checkpoint) -> None:
         raise TreeMismatchError(f"{task.folder} does not match the base {base.folder}: {e}") from None
 
 
-def read_text_exemplars(path: str | os.PathLike, tokenizer_folder: str | os.PathLike, *,
-                        max_length: int = MAX_TOKENS) -> Exemplars:
-    """UTF-8 text, one exemplar per non-blank line, tokenized with the folder's tokenizer (special tokens added,
-    truncated to ``max_length``, padded to the longest rounded up to 16). Inputs: ``(input_ids, attention_mask, token_type_ids)``."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+"""A folder holds a usable tokenizer only with one of these vocabulary files (without them transformers can build
+an empty tokenizer that maps every word to ``[UNK]``)."""
+
+
+def check_exemplar_path(path: str | os.PathLike) -> None:
+    """Raise :class:`InputError` saying exactly what is wrong unless ``path`` is a regular file (or a link to one)."""
     path = os.fspath(path)
+    if os.path.isfile(path):
+        return
+    if not os.path.lexists(path):
+        raise InputError(f"exemplar file {path} does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"exemplar file {path} is a folder; give one file per task")
+    if not os.path.exists(path):
+        raise InputError(f"exemplar file {path} is a broken symbolic link")
+    raise InputError(f"exemplar file {path} is not a regular file (a device, pipe or socket); give one file per task")
+
+
+def read_text_exemplars(path: str | os.PathLike, tokenizer_folder: str | os.PathLike, *,
+                        max_length: int = MAX_TOKENS, vocab_size: int | None = None) -> Exemplars:
+    """UTF-8 text, one exemplar per non-blank line, tokenized with the folder's tokenizer (special tokens added,
+    truncated to ``max_length``, padded to the longest rounded up to 16). Inputs: ``(input_ids, attention_mask, token_type_ids)``.
+
+    ``vocab_size`` (the model's embedding rows): a tokenizer with more tokens than that, or any id it produces at
+    or beyond it, is an :class:`InputError` naming both sizes; so are a folder without tokenizer files and
+    exemplars of which every word is unknown to the tokenizer."""
+    path = os.fspath(path)
+    check_exemplar_path(path)
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f]
@@ -115,11 +146,28 @@ def read_text_exemplars(path: str | os.PathLike, tokenizer_folder: str | os.Path
     lines = [line for line in lines if line]
     if not lines:
         raise InputError(f"exemplar file {path} is empty (expected one text exemplar per line)")
-    tokenizer = load_tokenizer(tokenizer_folder)
+    folder = os.fspath(tokenizer_folder)
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise InputError(f"text exemplars need the base's tokenizer, but {folder} has no tokenizer files (one of "
+                         f"{', '.join(TOKENIZER_FILES)}); copy them from the model you fine-tuned")
+    tokenizer = load_tokenizer(folder)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise InputError(f"the tokenizer of {folder} has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{vocab_size}: they do not belong together")
     # Lengths padded to a multiple of 16 so tasks share compiled shapes; padding never counts (token_mask).
     enc = tokenizer(lines, padding=True, truncation=True, max_length=max_length, add_special_tokens=True,
                     pad_to_multiple_of=16, return_tensors="np")
     ids = np.asarray(enc["input_ids"], np.int32)
+    if vocab_size is not None and ids.size and (ids.max() >= vocab_size or ids.min() < 0):
+        raise InputError(f"the tokenizer of {folder} produced id {int(ids.max())} for {path}, outside the model's "
+                         f"vocab_size {vocab_size} (the tokenizer has {len(tokenizer)} tokens)")
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    words = [i for i, m in zip(ids.ravel().tolist(), np.asarray(enc["attention_mask"]).ravel().tolist())
+             if m and (i not in special or i == unk)]
+    if unk is not None and words and all(i == unk for i in words):
+        raise InputError(f"every token of {path} is unknown ({tokenizer.unk_token}) to the tokenizer of {folder}; "
+                         "the tokenizer files do not match the text or are incomplete")
     mask = np.asarray(enc["attention_mask"], np.int32)
     types = np.asarray(enc["token_type_ids"], np.int32) if "token_type_ids" in enc else np.zeros_like(ids)
     return Exemplars((ids, mask, types), mask.astype(bool))
@@ -137,35 +185,99 @@ def load_tokenizer(folder: str | os.PathLike):
         raise InputError(f"cannot load a tokenizer from {os.fspath(folder)}: {str(e).splitlines()[0]}") from e
 
 
+def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, data bytes present)`` of a ``.npy`` file, read from its header only."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+        if magic.startswith(b"PK\x03\x04"):
+            raise InputError(f"exemplar file {path} is a .npz archive, not a .npy array; save one array with "
+                             "numpy.save")
+        if magic != b"\x93NUMPY":
+            raise InputError(f"exemplar file {path} is not a valid .npy file (no NumPy header); expected float32 "
+                             "pixels saved with numpy.save")
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+        except ValueError as e:
+            raise InputError(f"exemplar file {path} is not a valid .npy file ({str(e).splitlines()[0]})") from None
+        return tuple(shape), np.dtype(dtype), os.fstat(f.fileno()).st_size - f.tell()
+
+
 def read_image_exemplars(path: str | os.PathLike, *, image_size: int | None = None, channels: int = 3) -> Exemplars:
-    """A ``.npy`` of preprocessed pixels ``(N, H, W, channels)``, read as float32 (no pickles)."""
+    """A ``.npy`` of preprocessed pixels ``(N, H, W, channels)``, read as float32 (no pickles).
+
+    The header is checked first (a ``.npz``, a text file or an object array is refused by name), and the data
+    only read when the file holds all the bytes the header declares."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"exemplar file {path} does not exist")
-    try:
-        pixels = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"cannot read exemplar file {path} as .npy: {str(e).splitlines()[0]}") from e
-    if pixels.ndim != 4 or pixels.shape[-1] != channels:
-        raise InputError(f"exemplar file {path} holds shape {pixels.shape}; expected (N, H, W, {channels}) pixels")
-    if pixels.shape[0] == 0:
+    check_exemplar_path(path)
+    shape, dtype, present = _npy_header(path)
+    if dtype.hasobject:
+        raise InputError(f"exemplar file {path} holds Python objects, not numbers; expected float32 pixels")
+    if len(shape) != 4 or shape[-1] != channels:
+        raise InputError(f"exemplar file {path} holds shape {shape}; expected (N, H, W, {channels}) pixels")
+    if shape[0] == 0:
         raise InputError(f"exemplar file {path} is empty (0 images)")
-    if image_size is not None and pixels.shape[1:3] != (image_size, image_size):
-        raise InputError(f"exemplar file {path} holds {pixels.shape[1]}x{pixels.shape[2]} images; the model expects "
+    if image_size is not None and shape[1:3] != (image_size, image_size):
+        raise InputError(f"exemplar file {path} holds {shape[1]}x{shape[2]} images; the model expects "
                          f"{image_size}x{image_size}")
-    if not np.issubdtype(pixels.dtype, np.floating):
-        raise InputError(f"exemplar file {path} has dtype {pixels.dtype}; expected float32 preprocessed pixels")
-    return Exemplars((pixels.astype(np.float32),), None)
+    if not np.issubdtype(dtype, np.floating):
+        raise InputError(f"exemplar file {path} has dtype {dtype}; expected float32 preprocessed pixels")
+    needed = int(np.prod(shape)) * dtype.itemsize
+    if present < needed:
+        raise InputError(f"exemplar file {path} is truncated: its header declares {shape} {dtype} ({needed} bytes) "
+                         f"but {present} bytes follow")
+    try:
+        pixels = np.load(path, mmap_mode="r", allow_pickle=False)
+        return Exemplars((np.array(pixels, dtype=np.float32),), None)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read exemplar file {path} as .npy: {str(e).splitlines()[0]}") from None
 
 
 def read_exemplars(path: str | os.PathLike, base: Checkpoint) -> Exemplars:
     """Exemplars for the base's model kind: text lines for BERT/RoBERTa, ``.npy`` pixels for CLIP vision."""
     if base.kind in TEXT_KINDS:
-        return read_text_exemplars(path, base.folder)
+        vocab = base.config.get("vocab_size")
+        return read_text_exemplars(path, base.folder, vocab_size=vocab if type(vocab) is int else None)
     if base.kind in IMAGE_KINDS:
         model = base.model()
         return read_image_exemplars(path, image_size=model.config.image_size, channels=model.config.num_channels)
+    if base.kind in VL_KINDS:
+        return read_vl_exemplars(path, base)
     raise InputError(f"no exemplar reader for model kind {base.kind!r}")
+
+
+def read_vl_exemplars(path: str | os.PathLike, base: Checkpoint) -> Exemplars:
+    """BLIP exemplars: JSON Lines, one ``{"image": PATH, "text": TEXT}`` per line, ``PATH`` relative to the file (an
+    image file preprocessed with the base folder's ``preprocessor_config.json``, or a ``.npy`` of preprocessed
+    pixels), ``TEXT`` tokenized with the base's tokenizer (see :func:`converters.blip.read_exemplars`). Inputs:
+    ``(pixels, input_ids, attention_mask)``; image tokens always count, text padding never."""
+    from converters.blip import BlipExemplarError
+    from converters.blip import read_exemplars as read_blip_exemplars
+
+    check_exemplar_path(path)
+    cfg = base.model().config
+    try:
+        pixels, ids, mask = read_blip_exemplars(os.fspath(path), base.folder, cfg.vision.image_size,
+                                                max_length=MAX_TOKENS, vocab_size=cfg.text.vocab_size)
+    except BlipExemplarError as e:
+        raise InputError(str(e)) from None
+    return Exemplars((pixels, ids, mask), mask.astype(bool))
+
+
+def capture_rules(kind: str) -> Mapping[type, Any] | None:
+    """Capture rules a model kind needs beyond the defaults (BLIP: its image-side layers count every image token,
+    :data:`catmerge_jax.models.blip.CAPTURE_RULES`)."""
+    if kind in VL_KINDS:
+        from catmerge_jax.models.blip import CAPTURE_RULES
+
+        return CAPTURE_RULES
+    return None
 
 
 def feature_params(pretrained: PyTree, finetuned: PyTree, feature_scale: float = 1.0) -> PyTree:
@@ -187,6 +299,8 @@ def _model_output(kind: str, out: Any, mask: Any) -> Any:
     if kind in TEXT_KINDS:
         states = out.last_hidden_state * mask[..., None].astype(out.last_hidden_state.dtype)
         return (states,) if out.pooler_output is None else (states, out.pooler_output)
+    if kind in VL_KINDS:  # decoder logits of real tokens
+        return (out.logits * mask[..., None].astype(out.logits.dtype),)
     return (out.pooled,)
 
 
@@ -199,7 +313,8 @@ def _fisher_provider(base: Checkpoint) -> Callable[[PyTree, Exemplars, bool], Py
 
     def apply_fn(params, x):
         out = model.apply({"params": params}, *x)
-        return _model_output(base.kind, out, x[1] if base.kind in TEXT_KINDS else None)
+        return _model_output(base.kind, out, x[1] if base.kind in TEXT_KINDS else x[2] if base.kind in VL_KINDS
+                             else None)
 
     def fisher(finetuned: PyTree, exemplars: Exemplars, progress: bool) -> PyTree:
         return unlabeled_fisher(apply_fn, finetuned, tuple(exemplars.inputs), batch_size=4, progress=progress)
@@ -276,8 +391,10 @@ def merge_checkpoints(method: str | MergeMethod, base: Checkpoint, tasks: Sequen
 
     finetuned = [t.params for t in tasks]
     kwargs: dict[str, Any] = dict(hparams or {})
+    if roles is None:  # roles a layout needs beyond its names (e.g. open_clip's fused q|k|v), from the model itself
+        roles = getattr(base.model(), "param_roles", lambda: None)()
     if m.needs_stats:
-        capture = make_capture(base.model())
+        capture = make_capture(base.model(), rules=capture_rules(base.kind))
         kwargs["stats"] = [
             task_statistics(capture, feature_params(base.params, ft, feature_scale), ex, roles=roles,
                             batch_size=batch_size)
@@ -310,15 +427,95 @@ def load_tasks(base_dir: str | os.PathLike, task_dirs: Sequence[str | os.PathLik
     return base, tasks
 
 
-def prepare_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> str:
-    """Refuse to replace a non-empty folder unless ``overwrite`` (an empty one, e.g. a fresh temp dir, is fine)."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise InputError(f"--out {out_dir} exists and is not a folder")
-        if os.listdir(out_dir) and not overwrite:
-            raise InputError(f"--out {out_dir} exists and is not empty (remove it or pass --overwrite)")
-    return out_dir
+def _resolved(path: str | os.PathLike) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def _within(child: str, parent: str) -> bool:
+    return child != parent and child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def prepare_output(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                   inputs: Sequence[str | os.PathLike] = (), exemplars: Sequence[str | os.PathLike] = ()) -> str:
+    """Check ``--out`` before any work; returns its absolute path (its parent's symlinks resolved).
+
+    Refused, with or without ``overwrite``: a symlink (catmerge never writes through or replaces one), something
+    that is not a folder, a folder that equals, contains or lies inside one of the ``inputs`` folders (base and
+    tasks, compared after resolving symlinks), or one that contains an exemplar file. A non-empty folder is refused
+    unless ``overwrite``; an empty one (e.g. a fresh temp dir) is filled.
+    """
+    given = os.fspath(out_dir)
+    normal = os.path.normpath(os.path.abspath(given))
+    name = os.path.basename(normal)
+    if not name or name in (".", ".."):
+        raise InputError(f"--out {given} names no folder that can be created")
+    out = os.path.join(os.path.realpath(os.path.dirname(normal)), name)
+    if os.path.islink(out):
+        raise InputError(f"--out {given} is a symbolic link (to {os.path.realpath(out)}); catmerge never writes "
+                         "through or replaces a link: give the folder itself")
+    for folder in inputs:
+        real = _resolved(folder)
+        if out == real:
+            raise InputError(f"--out {given} is the input folder {os.fspath(folder)}; choose a new folder")
+        if _within(real, out):
+            raise InputError(f"--out {given} contains the input folder {os.fspath(folder)}; choose a new folder")
+        if _within(out, real):
+            raise InputError(f"--out {given} is inside the input folder {os.fspath(folder)}; choose a folder "
+                             "outside it")
+    for file in exemplars:
+        if _within(_resolved(file), out):
+            raise InputError(f"--out {given} contains the exemplar file {os.fspath(file)}; choose a new folder")
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise InputError(f"--out {given} exists and is not a folder")
+        if os.listdir(out) and not overwrite:
+            raise InputError(f"--out {out} exists and is not empty (remove it or pass --overwrite)")
+    return out
+
+
+def check_finite_output(state: Mapping[str, np.ndarray], meta: Any) -> None:
+    """Raise :class:`NonFiniteError` naming the first merged leaf (in checkpoint order) that holds NaN or Inf
+    once cast to its checkpoint dtype (e.g. a large alpha overflowing float16)."""
+    path_of = {leaf.key: path for path, leaf in meta.leaves.items()}
+    for key, value in state.items():
+        if key not in path_of:
+            continue  # tensors kept aside (heads, buffers) are the base's, unchanged
+        try:
+            finite = np.isfinite(value)
+        except TypeError:
+            continue  # a dtype with no notion of finiteness
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise NonFiniteError(f"merged leaf {path_of[key]} (checkpoint key {key}) holds {bad} non-finite value(s) "
+                                 f"as {value.dtype}; nothing was written (hyperparameters too large?)")
+
+
+def _make_parents(folder: str) -> list[str]:
+    """``os.makedirs(folder)``, returning the folders it created (deepest last), so a failed run can remove them."""
+    missing = []
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    created: list[str] = []
+    try:
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, 0o777)
+                created.append(path)
+            except FileExistsError:
+                pass
+    except OSError:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(folders: Sequence[str]) -> None:
+    for path in reversed(folders):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
 
 
 def merge_folders(method: str, base_dir: str | os.PathLike, task_dirs: Sequence[str | os.PathLike],
@@ -328,28 +525,66 @@ def merge_folders(method: str, base_dir: str | os.PathLike, task_dirs: Sequence[
     """The whole ``catmerge merge``: load, check, read exemplars, capture, merge, write. Returns ``out_dir``.
 
     ``out_dir`` gets ``model.safetensors`` with the base's key names and dtypes plus the base's config and tokenizer
-    files, assembled in a temporary folder and renamed into place (nothing half-written on failure).
+    files. It is checked first (:func:`prepare_output`); the result is assembled in a temporary folder
+    (``.catmerge-tmp-<name>-*`` beside it, made at the start and removed on any failure or interrupt; those of
+    earlier runs that were killed are removed first) and renamed into place only if nothing appeared at
+    ``out_dir`` meanwhile — or, with ``overwrite``, by renaming the old folder aside. A merged tensor that is NaN
+    or Inf stops the run before anything is written. Files and folders follow the umask.
     """
-    from converters.hf import save_hf_folder
+    from converters.hf import flax_to_hf_state, write_hf_files
+
+    from catmerge_jax import atomic
 
     m = get_method(method)
-    out = prepare_output(out_dir, overwrite=overwrite)
+    out = prepare_output(out_dir, overwrite=overwrite, inputs=[base_dir, *task_dirs], exemplars=exemplar_files or ())
+    accept = atomic.dir_identity(out) if os.path.isdir(out) and not os.listdir(out) else None
     check_method_inputs(m, len(task_dirs), len(exemplar_files) if exemplar_files else None)
     for f in exemplar_files or []:
-        if not os.path.isfile(f):
-            raise InputError(f"exemplar file {os.fspath(f)} does not exist")
-    base, tasks = load_tasks(base_dir, task_dirs, progress=progress)
-    # Exemplar files are always read when given, so a bad file is reported whatever the method.
-    exemplars = [read_exemplars(f, base) for f in exemplar_files] if exemplar_files else None
-    merged = merge_checkpoints(m, base, tasks, exemplars, hparams=hparams, feature_scale=feature_scale,
-                               roles=roles, batch_size=batch_size, progress=progress)
+        check_exemplar_path(f)
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    created: list[str] = []
     try:
-        return save_hf_folder(out, merged, base.meta, base.folder, overwrite=True)
+        created = _make_parents(parent)
+        atomic.clean_stale_temp_dirs(parent)
+        tmp = atomic.make_temp_dir(parent, name)
     except OSError as e:
-        raise InputError(f"cannot write {out}: {e}") from e
+        _remove_empty(created)
+        raise InputError(f"cannot write beside --out {out}: {e.strerror or e}") from None
+    try:
+        base, tasks = load_tasks(base_dir, task_dirs, progress=progress)
+        # Exemplar files are always read when given, so a bad file is reported whatever the method.
+        exemplars = [read_exemplars(f, base) for f in exemplar_files] if exemplar_files else None
+        merged = merge_checkpoints(m, base, tasks, exemplars, hparams=hparams, feature_scale=feature_scale,
+                                   roles=roles, batch_size=batch_size, progress=progress)
+        state = flax_to_hf_state(merged, base.meta)
+        check_finite_output(state, base.meta)
+        try:
+            write_hf_files(tmp, state, base.meta, base.folder)
+        except OSError as e:
+            raise InputError(f"cannot write {out}: {e}") from e
+        try:
+            atomic.publish_dir(tmp, out, overwrite=overwrite, accept=accept)
+        except atomic.PublishConflict:
+            kept = os.path.join(parent, f"{name}.catmerge-result-{os.urandom(3).hex()}")
+            try:
+                atomic.rename_noreplace(tmp, kept)
+            except OSError:
+                raise InputError(f"--out {out} appeared while merging and was left untouched; the merged model "
+                                 "was discarded") from None
+            raise InputError(f"--out {out} appeared while merging and was left untouched (pass --overwrite to "
+                             f"replace it); the merged model was kept in {kept}") from None
+        except OSError as e:
+            raise InputError(f"cannot write {out}: {e}") from e
+    except BaseException:
+        atomic.remove_temp_dir(tmp)
+        _remove_empty(created)
+        raise
+    return out
 
 
 __all__ = ["Checkpoint", "Exemplars", "InputError", "load_checkpoint", "check_compatible", "read_text_exemplars",
-           "read_image_exemplars", "read_exemplars", "load_tokenizer", "feature_params", "task_statistics",
+           "read_image_exemplars", "read_exemplars", "load_tokenizer", "check_exemplar_path", "check_finite_output",
+           "feature_params", "task_statistics",
            "resolve_hparams", "needs_exemplars", "check_method_inputs", "merge_checkpoints", "load_tasks", "prepare_output",
-           "merge_folders", "EXTRA_PROVIDERS", "MAX_TOKENS", "TEXT_KINDS", "IMAGE_KINDS", "CLI_HPARAMS"]
+           "merge_folders", "EXTRA_PROVIDERS", "MAX_TOKENS", "TEXT_KINDS", "IMAGE_KINDS", "CLI_HPARAMS",
+           "VL_KINDS", "read_vl_exemplars", "capture_rules"]

@@ -45,6 +45,10 @@ class LeafStats:
       gram: ``(in, in)`` — ``Σ xᵀx`` over rows (linear kernels, Gram form).
       rows: ``(n, in)`` — the rows themselves (linear kernels, row form; zero rows are harmless padding).
       sq_sum: ``(d,)`` — per-dimension sum of squares of the normalized input (norm scales).
+
+    A leaf that stacks ``L`` independent layers (``nn.scan``, ``nnx.vmap``; ``LeafSpec.stack_axes``) has per-layer
+    statistics with the stack axes leading: ``count (L,)``, ``gram (L, in, in)``, ``rows (L, n, in)``,
+    ``sq_sum (L, d)`` (``(L1, L2, ...)`` for nested stacks). ``count.ndim`` is the number of stack axes.
     """
 
     count: Any = None
@@ -62,7 +66,7 @@ class LeafStats:
             return jnp.asarray(self.gram)
         if self.rows is not None:
             rows = jnp.asarray(self.rows)
-            return rows.T @ rows
+            return jnp.swapaxes(rows, -1, -2) @ rows
         raise MissingStatisticsError("no linear statistics stored")
 
     def to_gram(self) -> "LeafStats":
@@ -70,7 +74,7 @@ class LeafStats:
         if self.rows is None:
             return self
         rows = np.asarray(self.rows, np.float64)
-        return dataclasses.replace(self, gram=(rows.T @ rows).astype(np.float32), rows=None)
+        return dataclasses.replace(self, gram=(np.swapaxes(rows, -1, -2) @ rows).astype(np.float32), rows=None)
 
 
 def count_stats(n: float) -> LeafStats:
@@ -130,16 +134,19 @@ def stats_from_arrays(params: PyTree, by_path: Mapping[str, LeafStats]) -> PyTre
 
 
 def _add_leaf(a: LeafStats, b: LeafStats) -> LeafStats:
-    count = np.float32(np.asarray(a.count if a.count is not None else 0) + np.asarray(b.count if b.count is not None else 0))
+    """Union of two batches; stacked statistics (leading layer axes) add layer by layer."""
+    count = (np.asarray(a.count if a.count is not None else 0, np.float64)
+             + np.asarray(b.count if b.count is not None else 0, np.float64))
+    count = np.float32(count) if count.ndim == 0 else count.astype(np.float32)
     sq_sum = a.sq_sum if b.sq_sum is None else (b.sq_sum if a.sq_sum is None else np.asarray(a.sq_sum) + np.asarray(b.sq_sum))
     gram = rows = None
     if a.has_linear or b.has_linear:
         if a.gram is None and b.gram is None:
             parts = [np.asarray(s.rows) for s in (a, b) if s.rows is not None]
-            rows = np.concatenate(parts, axis=0)
-            if rows.shape[0] >= rows.shape[1]:  # the Gram is now the cheaper form
+            rows = np.concatenate(parts, axis=-2)
+            if rows.shape[-2] >= rows.shape[-1]:  # the Gram is now the cheaper form
                 rows64 = rows.astype(np.float64)
-                gram, rows = (rows64.T @ rows64).astype(np.float32), None
+                gram, rows = (np.swapaxes(rows64, -1, -2) @ rows64).astype(np.float32), None
         else:
             gram = sum(np.asarray(s.gram_matrix()) for s in (a, b) if s.has_linear)
     return LeafStats(count=count, gram=gram, rows=rows, sq_sum=sq_sum)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
-import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
@@ -34,7 +34,7 @@ from converters import safetensors_io as st
 
 __all__ = ["LeafMap", "ConversionMeta", "ConversionError", "hf_key", "template_shapes", "match_state",
            "hf_state_to_flax", "flax_to_hf_state", "load_hf_folder", "save_hf_folder", "build_flax_model",
-           "model_kind_of", "WEIGHT_FILES"]
+           "model_kind_of", "WEIGHT_FILES", "write_hf_files", "read_json_file", "check_config_matches_keys"]
 
 # Files of a checkpoint folder that hold weights (not copied from the base folder on export).
 WEIGHT_FILES = (".safetensors", ".bin", ".h5", ".msgpack", ".ckpt", ".pt", ".pth")
@@ -76,6 +76,8 @@ class ConversionMeta:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     shards: dict[str, str] | None = None
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Tied copies kept aside (key -> source key), rewritten from their source on export (BLIP's LM head).
+    ties: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def key_of(self, path: str) -> str:
         return self.leaves[path].key
@@ -191,6 +193,10 @@ def model_kind_of(config: Mapping[str, Any]) -> str:
         return "roberta"
     if mt in ("clip", "clip_vision_model"):
         return "clip_vision"
+    if mt == "blip":
+        from converters.blip import blip_kind
+
+        return blip_kind(config)
     raise ConversionError(f"unsupported model_type {mt!r}; expected bert, roberta, clip or clip_vision_model")
 
 
@@ -208,12 +214,20 @@ def build_flax_model(model_kind: str, config: Mapping[str, Any], meta: Conversio
         wp = opts.get("with_projection", True)
         return ClipVisionModel(ClipVisionConfig.from_hf_config(config, with_projection=wp), layout="hf",
                                with_projection=wp)
+    if model_kind in ("blip_vqa", "blip_caption"):
+        from converters.blip import build_blip_model
+
+        return build_blip_model(model_kind, config)
     raise ConversionError(f"unknown model kind {model_kind!r}")
 
 
 def _example_inputs(model_kind: str, model) -> tuple:
     if model_kind in ("bert", "roberta"):
         return (jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
+    if model_kind in ("blip_vqa", "blip_caption"):
+        from converters.blip import example_inputs
+
+        return example_inputs(model)
     cfg = model.config
     return (jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
 
@@ -234,6 +248,11 @@ def hf_state_to_flax(state: Mapping[str, np.ndarray], config: Mapping[str, Any],
     """
     kind = model_kind_of(config)
     keys = list(state)
+    check_config_matches_keys(config, keys)
+    if kind in ("blip_vqa", "blip_caption"):
+        from converters.blip import blip_state_to_flax
+
+        return blip_state_to_flax(state, config, dtype=dtype)
     if kind in ("bert", "roberta"):
         prefix = _BERT_PREFIX[kind]
         if not any(k.startswith(prefix) for k in keys):
@@ -279,19 +298,76 @@ def flax_to_hf_state(params, meta: ConversionMeta) -> dict[str, np.ndarray]:
         if tuple(torch_value.shape) != leaf.shape:
             raise ConversionError(f"leaf {path} has shape {value.shape}; checkpoint key {leaf.key!r} needs "
                                   f"{leaf.shape} (after '{leaf.transform}')")
-        by_key[leaf.key] = np.asarray(torch_value.astype(leaf.dtype, copy=False), order="C")
+        with np.errstate(over="ignore"):  # an overflow on the cast back is reported by the caller's finite check
+            by_key[leaf.key] = np.asarray(torch_value.astype(leaf.dtype, copy=False), order="C")
     by_key.update(meta.aside)
+    for key, source in meta.ties.items():
+        by_key[key] = np.asarray(by_key[source].astype(meta.aside[key].dtype, copy=False), order="C")
     return {k: by_key[k] for k in meta.key_order}
 
 
 # ----------------------------------------------------------------------------------------------- folders
 
+def read_json_file(path: str, what: str = "file") -> Any:
+    """A JSON file, or a one-line :class:`ConversionError` naming the file and where the JSON breaks."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConversionError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+                              ) from None
+    except RecursionError:
+        raise ConversionError(f"{what} {path} is not valid JSON: nested too deeply") from None
+
+
 def _read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise ConversionError(f"{folder}: no config.json")
-    with open(path) as f:
-        return json.load(f)
+    config = read_json_file(path, "config")
+    if not isinstance(config, dict):
+        raise ConversionError(f"config {path} holds a JSON {type(config).__name__}; expected an object")
+    return config
+
+
+_LAYER_KEYS = {
+    "bert": re.compile(r"^(?:bert\.|roberta\.)?encoder\.layer\.(\d+)\."),
+    "roberta": re.compile(r"^(?:bert\.|roberta\.)?encoder\.layer\.(\d+)\."),
+    "clip_vision": re.compile(r"^vision_model\.encoder\.layers\.(\d+)\."),
+}
+
+
+def _config_layers(kind: str, config: Mapping[str, Any]) -> tuple[str, Any]:
+    """``(config field, value)`` of the layer count the model would be built with (its defaults included)."""
+    if kind in ("bert", "roberta"):
+        return "num_hidden_layers", config.get("num_hidden_layers", 12)
+    vision = config.get("vision_config") if config.get("model_type") == "clip" else config
+    vision = vision if isinstance(vision, Mapping) else {}
+    field = "vision_config.num_hidden_layers" if config.get("model_type") == "clip" else "num_hidden_layers"
+    return field, vision.get("num_hidden_layers", 12)
+
+
+def check_config_matches_keys(config: Mapping[str, Any], keys, where: str = "checkpoint") -> None:
+    """Raise :class:`ConversionError` unless the config's layer count is the number of layers the checkpoint's
+    keys hold. Cheap (keys only), so it runs before any model is built: a config claiming 100000 layers over two
+    layers of weights fails at once instead of tracing a huge model."""
+    kind = model_kind_of(config)
+    pattern = _LAYER_KEYS.get(kind)
+    if pattern is None:
+        return
+    field, claimed = _config_layers(kind, config)
+    if type(claimed) is not int or claimed < 0:
+        raise ConversionError(f"{where}: config.json {field} is {claimed!r}; expected a non-negative integer")
+    found = {int(m.group(1)) for k in keys for m in [pattern.match(k)] if m}
+    if len(found) != claimed or (found and max(found) != claimed - 1):
+        raise ConversionError(f"{where}: config.json says {field}={claimed} but the checkpoint holds weights for "
+                              f"{len(found)} layer(s) (indices {sorted(found)[:6]}{'...' if len(found) > 6 else ''})")
 
 
 def load_hf_folder(folder: str, *, dtype=np.float32, progress: bool = False
@@ -305,6 +381,7 @@ def load_hf_folder(folder: str, *, dtype=np.float32, progress: bool = False
         infos = st.list_tensors(folder)
     except st.SafetensorsError as e:
         raise ConversionError(f"{folder}: no readable safetensors weights ({e})") from None
+    check_config_matches_keys(config, infos, where=folder)
     from tqdm.auto import tqdm
 
     by_file: dict[str, list[str]] = {}
@@ -327,15 +404,45 @@ def load_hf_folder(folder: str, *, dtype=np.float32, progress: bool = False
     return kind, config, params, meta
 
 
+def _copy_tree(src: str, dest: str) -> None:
+    # Contents only (shutil.copyfile, not copy2/copytree): the copies get this run's umask, not the base's modes.
+    os.mkdir(dest, 0o777)
+    for name in os.listdir(src):
+        path = os.path.join(src, name)
+        if os.path.isdir(path):
+            _copy_tree(path, os.path.join(dest, name))
+        elif os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dest, name))
+
+
 def _copy_non_weights(base_folder: str, dest: str) -> None:
     for name in os.listdir(base_folder):
         src = os.path.join(base_folder, name)
         if name == st.INDEX_NAME or name.startswith(".") or (os.path.isfile(src) and name.endswith(WEIGHT_FILES)):
             continue
         if os.path.isdir(src):
-            shutil.copytree(src, os.path.join(dest, name))
-        else:
-            shutil.copy2(src, os.path.join(dest, name))
+            _copy_tree(src, os.path.join(dest, name))
+        elif os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(dest, name))
+
+
+def write_hf_files(dest: str, state: Mapping[str, np.ndarray], meta: ConversionMeta, base_folder: str) -> None:
+    """Write a flat checkpoint ``state`` (from :func:`flax_to_hf_state`) into the existing folder ``dest``:
+    ``model.safetensors`` (or the base's shards and index) plus the base folder's non-weight files."""
+    _copy_non_weights(base_folder, dest)
+    metadata = meta.metadata or {"format": "pt"}
+    if meta.shards:
+        by_shard: dict[str, dict] = {}
+        for key, value in state.items():
+            by_shard.setdefault(meta.shards[key], {})[key] = value
+        for shard, tensors in by_shard.items():
+            st.save_file(tensors, os.path.join(dest, shard), metadata=metadata)
+        total = int(sum(v.nbytes for v in state.values()))
+        index = {"metadata": {"total_size": total}, "weight_map": {k: meta.shards[k] for k in state}}
+        with open(os.path.join(dest, st.INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2)
+    else:
+        st.save_file(state, os.path.join(dest, "model.safetensors"), metadata=metadata)
 
 
 def save_hf_folder(out_dir: str, flax_params, meta: ConversionMeta, base_folder: str, *,
@@ -345,40 +452,22 @@ def save_hf_folder(out_dir: str, flax_params, meta: ConversionMeta, base_folder:
     Weights go to ``model.safetensors`` (or the base's shard files and index, when the base was sharded) with
     the base's key names, order, dtypes and ``__metadata__``; ``config.json``, tokenizer files and any other
     non-weight files/folders are copied from ``base_folder``. The folder is assembled in a temporary sibling
-    directory and renamed into place; an existing ``out_dir`` is an error unless ``overwrite``. Returns
-    ``out_dir``.
+    directory and renamed into place (:func:`catmerge_jax.atomic.publish_dir`); an existing ``out_dir`` is an error
+    (``FileExistsError``) unless ``overwrite``, and a symlink or file there is never replaced. Returns ``out_dir``.
     """
+    from catmerge_jax.atomic import make_temp_dir, publish_dir, remove_temp_dir
+
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
+    if os.path.lexists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
     state = flax_to_hf_state(flax_params, meta)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    tmp = make_temp_dir(parent, os.path.basename(out_dir))
     try:
-        _copy_non_weights(base_folder, tmp)
-        metadata = meta.metadata or {"format": "pt"}
-        if meta.shards:
-            by_shard: dict[str, dict] = {}
-            for key, value in state.items():
-                by_shard.setdefault(meta.shards[key], {})[key] = value
-            for shard, tensors in by_shard.items():
-                st.save_file(tensors, os.path.join(tmp, shard), metadata=metadata)
-            total = int(sum(v.nbytes for v in state.values()))
-            index = {"metadata": {"total_size": total}, "weight_map": {k: meta.shards[k] for k in state}}
-            with open(os.path.join(tmp, st.INDEX_NAME), "w") as f:
-                json.dump(index, f, indent=2)
-        else:
-            st.save_file(state, os.path.join(tmp, "model.safetensors"), metadata=metadata)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir) + "-", dir=parent)
-            os.rmdir(old)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        write_hf_files(tmp, state, meta, base_folder)
+        publish_dir(tmp, out_dir, overwrite=overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp_dir(tmp)
         raise
     return out_dir

@@ -73,23 +73,86 @@ def dtype_name(dtype) -> str:
                                f"{sorted(str(d) for d in _NAMES)}") from None
 
 
+def _no_duplicates(pairs: list) -> dict:
+    seen: dict = {}
+    for k, v in pairs:
+        if k in seen:
+            raise SafetensorsError(f"duplicate JSON key {k!r}")
+        seen[k] = v
+    return seen
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0  # not bool, not float: JSON 2.0 or true is no size
+
+
+def _validate_header(path: str, header: dict, data_len: int) -> None:
+    """The checks of the reference implementation: every entry has a known dtype, a shape of non-negative
+    integers and ``[begin, end]`` offsets whose length is ``prod(shape) * itemsize``; sorted by offset, the tensors
+    tile the data section exactly (no gap, no overlap, nothing before, nothing after)."""
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise SafetensorsError(f"{path}: tensor {name!r} is described by a JSON {type(entry).__name__}")
+        dtype = entry.get("dtype")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise SafetensorsError(f"{path}: tensor {name!r} has shape {shape!r}; expected a list of non-negative "
+                                   "integers")
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise SafetensorsError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] "
+                                   "with 0 <= begin <= end")
+        nbytes = DTYPES[dtype].itemsize
+        for d in shape:
+            nbytes *= d
+        if offsets[1] - offsets[0] != nbytes:
+            raise SafetensorsError(f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, expected "
+                                   f"{nbytes} for {dtype} {shape}")
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else f"leaves a gap of {begin - position} bytes"
+            raise SafetensorsError(f"{path}: tensor {name!r} at data_offsets [{begin}, {end}] {what}")
+        position = end
+    if position != data_len:
+        raise SafetensorsError(f"{path}: the tensors cover {position} bytes but the data section holds {data_len}")
+
+
 def _read_raw_header(path: str) -> tuple[dict, int]:
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) != 8:
             raise SafetensorsError(f"{path}: too short to be a safetensors file")
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER:
             raise SafetensorsError(f"{path}: header length {n} is implausible (not a safetensors file?)")
+        if 8 + n > size:
+            raise SafetensorsError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
         raw = f.read(n)
     if len(raw) != n:
         raise SafetensorsError(f"{path}: header truncated ({len(raw)} of {n} bytes)")
+    if not raw.startswith(b"{"):
+        raise SafetensorsError(f"{path}: header does not start with '{{' (not a safetensors file?)")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    except SafetensorsError as e:
+        raise SafetensorsError(f"{path}: header has a {e}") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header must be a JSON object")
+    _validate_header(path, header, size - 8 - n)
     return header, 8 + n
 
 
@@ -110,17 +173,14 @@ def read_metadata(path: str) -> dict[str, str]:
 
 
 def _load(path: str, name: str, entry: dict, data_start: int) -> np.ndarray:
+    # The entry was checked by _validate_header (offsets tile the data section, sizes match the shape).
     dtype = DTYPES[entry["dtype"]]
-    shape = tuple(int(s) for s in entry["shape"])
-    begin, end = (int(o) for o in entry["data_offsets"])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if end - begin != expected:
-        raise SafetensorsError(f"{path}: tensor {name!r} spans {end - begin} bytes, expected {expected} for "
-                               f"{entry['dtype']} {list(shape)}")
-    if expected == 0:
+    shape = tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if end == begin:
         return np.zeros(shape, dtype)
     if data_start + end > os.path.getsize(path):
-        raise SafetensorsError(f"{path}: tensor {name!r} runs past the end of the file")
+        raise SafetensorsError(f"{path}: tensor {name!r} runs past the end of the file (was it truncated?)")
     mm = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
     try:
         return np.array(mm)  # copy out, so the mapping (and the file handle) is released now
@@ -189,6 +249,36 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[st
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))
 
 
+def _read_index(index: str) -> dict[str, str]:
+    try:
+        with open(index, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise SafetensorsError(f"{index} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise SafetensorsError(f"{index} is not valid JSON ({type(e).__name__})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise SafetensorsError(f"{index}: missing 'weight_map' (a JSON object of tensor name -> shard file)")
+    bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise SafetensorsError(f"{index}: weight_map entry {bad[0][0]!r} -> {bad[0][1]!r} is not a file name")
+    return weight_map
+
+
+def _shard_path(folder: str, index: str, shard: str) -> str:
+    """The shard's path, refusing absolute paths, ``..`` and anything (symlinks included) resolving outside
+    ``folder``: an index may only name files of its own checkpoint."""
+    parts = shard.replace("\\", "/").split("/")
+    if os.path.isabs(shard) or shard.startswith(("/", "\\")) or ".." in parts or "\0" in shard:
+        raise SafetensorsError(f"{index}: shard {shard!r} is not a file name inside the folder")
+    path = os.path.join(folder, shard)
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise SafetensorsError(f"{index}: shard {shard!r} resolves to {os.path.realpath(path)}, outside {root}")
+    return path
+
+
 def list_tensors(folder: str) -> dict[str, TensorInfo]:
     """``{name: TensorInfo(file, dtype, shape)}`` for a checkpoint folder (or a single ``.safetensors`` file).
 
@@ -202,12 +292,9 @@ def list_tensors(folder: str) -> dict[str, TensorInfo]:
     else:
         index = os.path.join(folder, INDEX_NAME)
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise SafetensorsError(f"{index}: missing 'weight_map'")
+            weight_map = _read_index(index)
             claimed = weight_map
-            files = [os.path.join(folder, s) for s in dict.fromkeys(weight_map.values())]
+            files = [_shard_path(folder, index, s) for s in dict.fromkeys(weight_map.values())]
         else:
             claimed = None
             single = os.path.join(folder, "model.safetensors")

@@ -7,14 +7,24 @@ Both implementations get identical inputs; their merged trees must agree (relati
 leaf).
 
     PYTHONPATH=. python experiments/bench_merge.py --model b32              # full ViT-B/32 shape
-    PYTHONPATH=. python experiments/bench_merge.py --model b32 --blocks 1   # one block (CPU-friendly torch)
-    PYTHONPATH=. python experiments/bench_merge.py --quick                  # CI smoke test
+    PYTHONPATH=. python experiments/bench_merge.py --model l14 --blocks 1   # one ViT-L/14 block
+    PYTHONPATH=. python experiments/bench_merge.py --solvers                # eigh vs block Krylov per size
+    PYTHONPATH=. python experiments/bench_merge.py --quick --results ''     # smoke test, nothing written
+
+Every run writes what it printed to ``<results>/bench_<mode>.log`` and the numbers behind it (the command, the
+machine, settings, the table, agreement, solver counts) to ``<results>/bench_<mode>.json``, both atomically
+(``--results`` defaults to ``experiments/results``; ``''`` writes nothing). The mode names the run: ``b32``,
+``l14_blocks1``, ``solvers``, ``quick``, with ``_jax`` appended under ``--skip-torch``. The README's performance
+figures are read from those files.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import platform
 import sys
 import time
 
@@ -26,6 +36,53 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import catmerge_jax as cm  # noqa: E402
 from catmerge_jax.batched import cat_merge_batched, plan_linear  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+class Recorder:
+    """What a benchmark prints (:meth:`say`) and the numbers behind it (:attr:`data`), written at the end as
+    ``bench_<mode>.log`` and ``bench_<mode>.json`` (:meth:`write`, each file atomically)."""
+
+    def __init__(self, mode: str, script: str, argv):
+        self.mode = mode
+        self.lines: list[str] = []
+        self.data: dict = {"mode": mode, "command": " ".join(["python", script, *argv]),
+                           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           "machine": machine_info()}
+
+    def say(self, *parts) -> None:
+        text = " ".join(str(p) for p in parts)
+        print(text, flush=True)
+        self.lines.extend(text.splitlines() or [""])
+
+    def write(self, folder: str | None) -> list[str]:
+        """Write both files into ``folder`` (none when it is empty/None); returns their paths."""
+        if not folder:
+            return []
+        from catmerge_jax.atomic import atomic_file
+
+        os.makedirs(folder, exist_ok=True)
+        self.data["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        paths = [os.path.join(folder, f"bench_{self.mode}.{ext}") for ext in ("json", "log")]
+        with atomic_file(paths[0], "w", encoding="utf-8") as f:
+            json.dump(self.data, f, indent=1, default=str)
+            f.write("\n")
+        with atomic_file(paths[1], "w", encoding="utf-8") as f:
+            f.write(f"$ {self.data['command']}\n" + "\n".join(self.lines) + "\n")
+        return paths
+
+
+def machine_info() -> dict:
+    """Where the numbers come from: CPUs, load at the start, library versions, JAX devices."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "load_average_1_5_15": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+    if "torch" in sys.modules:
+        info["torch"] = sys.modules["torch"].__version__
+    return info
+
 
 MODELS = {  # blocks, width, mlp, tokens per image, heads
     "b32": (12, 768, 3072, 50, 12),
@@ -171,12 +228,16 @@ def jax_capture(finetuned, exemplars, blocks, heads, pretrained_tree):
     return stats, time.perf_counter() - t0, compile_s
 
 
-def solver_table(sizes=(768, 3072, 4096), c: int = 3, num_tasks: int = 8, rows: int = 150, seed: int = 0) -> None:
-    """Time eigh vs the block Krylov solver on one CAT-like ``G_k`` per size; print the projector difference."""
+def solver_table(sizes=(768, 3072, 4096), c: int = 3, num_tasks: int = 8, rows: int = 150, seed: int = 0,
+                 rec: Recorder | None = None) -> list[dict]:
+    """Time eigh vs the block Krylov solver on one CAT-like ``G_k`` per size; report the projector difference."""
     from catmerge_jax.linalg import block_krylov_top, eigh_top
 
+    say = rec.say if rec is not None else print
     rng = np.random.default_rng(seed)
-    print("\n| out | eigh (s) | iterative (s) | speed-up | converged | max |P_it − P_eigh| |\n|---|---|---|---|---|---|")
+    say("\n| out | eigh (s) | block Krylov (s) | speed-up | converged | max |P_it − P_eigh| |\n"
+        "|---:|---:|---:|---:|---|---:|")
+    table = []
     for n in sizes:
         # G_k = Σ_{i≠k} Y_kiᵀY_ki − λ Σ_{i≠k} Y_iiᵀY_ii with low-rank-plus-noise Y, as from CAT's rows form.
         def y():
@@ -197,9 +258,22 @@ def solver_table(sizes=(768, 3072, 4096), c: int = 3, num_tasks: int = 8, rows: 
         b_e = np.asarray(times["eigh"][1], np.float64)
         res = times["iterative"][1]
         b_i = np.asarray(res.vectors, np.float64)
-        diff = np.abs(b_i @ b_i.T - b_e @ b_e.T).max()
+        diff = float(np.abs(b_i @ b_i.T - b_e @ b_e.T).max())
         te, ti = times["eigh"][0], times["iterative"][0]
-        print(f"| {n} | {te:.3f} | {ti:.3f} | {te / ti:.1f}× | {bool(res.converged)} | {diff:.1e} |")
+        table.append({"out": n, "eigh_s": te, "iterative_s": ti, "speedup": te / ti,
+                      "converged": bool(res.converged), "projector_difference": diff})
+        say(f"| {n} | {te:.3f} | {ti:.3f} | {te / ti:.1f}× | {bool(res.converged)} | {diff:.1e} |")
+    if rec is not None:
+        rec.data.update({"c": c, "tasks": num_tasks, "rows": rows, "seed": seed, "solvers": table})
+    return table
+
+
+def run_mode(args) -> str:
+    """The name of a run's result files: ``solvers``, ``quick``, ``b32``, ``l14_blocks1``, … (+ ``_jax``)."""
+    if args.solvers:
+        return "solvers_quick" if args.quick else "solvers"
+    mode = "quick" if args.quick else args.model + (f"_blocks{args.blocks}" if args.blocks else "")
+    return mode + ("_jax" if args.skip_torch else "")
 
 
 def main(argv=None) -> int:
@@ -222,21 +296,37 @@ def main(argv=None) -> int:
     parser.add_argument("--check-eigh", action="store_true",
                         help="with --skip-torch: check the merge against the all-eigh JAX merge instead")
     parser.add_argument("--solvers", action="store_true", help="only time eigh vs iterative per matrix size")
-    args = parser.parse_args(argv)
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help="write bench_<mode>.json/.log here (default experiments/results; --quick: nowhere; "
+                             "'' for nowhere)")
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw)
+    results = (None if args.quick else RESULTS) if args.results is None else args.results
+    if not args.skip_torch and not args.solvers:
+        import torch  # noqa: F401  (imported before machine_info so its version is recorded)
+    rec = Recorder(run_mode(args), "experiments/bench_merge.py", raw)
+    rec.data["settings"] = {k: v for k, v in vars(args).items() if k != "results"}
     if args.solvers:
-        solver_table((256, 512) if args.quick else (768, 3072, 4096), c=args.c)
+        solver_table((256, 512) if args.quick else (768, 3072, 4096), c=args.c, rec=rec)
+        for path in rec.write(results):
+            print(f"wrote {path}")
         return 0
 
     blocks, width, mlp, tokens, heads = MODELS["quick" if args.quick else args.model]
     blocks = min(blocks, args.blocks) if args.blocks else blocks
     num_tasks = args.tasks
     name = "quick" if args.quick else args.model
-    print(f"model={name} blocks={blocks} width={width} mlp={mlp} tokens={tokens} K={num_tasks} "
-          f"exemplars={args.exemplars} c={args.c} lam={args.lam} devices={jax.devices()}")
+    rec.data["shape"] = {"blocks": blocks, "width": width, "mlp": mlp, "tokens": tokens, "heads": heads}
+    rec.say(f"model={name} blocks={blocks} width={width} mlp={mlp} tokens={tokens} K={num_tasks} "
+            f"exemplars={args.exemplars} c={args.c} lam={args.lam} devices={jax.devices()} "
+            f"load average {rec.data['machine']['load_average_1_5_15']}")
+    plans = {}
     for fan_in, fan_out in ((width, width), (width, mlp), (mlp, width)):
-        print(f"  plan ({fan_in}, {fan_out}):",
-              plan_linear(num_tasks, fan_in, fan_out, args.c, rows=args.exemplars * tokens,
-                          solver=args.solver, strategy=args.strategy))
+        plan = plan_linear(num_tasks, fan_in, fan_out, args.c, rows=args.exemplars * tokens, solver=args.solver,
+                           strategy=args.strategy)
+        plans[f"{fan_in}x{fan_out}"] = plan._asdict()
+        rec.say(f"  plan ({fan_in}, {fan_out}): {plan}")
+    rec.data["plans"] = plans
 
     features, exemplars = make_exemplars(num_tasks, args.exemplars, tokens, width)
     base, finetuned = make_models(blocks, width, mlp, num_tasks, features)
@@ -253,20 +343,24 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     merged = jax.block_until_ready(cat_merge_batched(base_tree, ft_trees, stats, timings=timings, **kwargs))
     merge_s = time.perf_counter() - t0
-    print(f"linear solves: {timings['solves']}, eigh fallbacks: {timings['fallbacks']}")
+    rec.say(f"linear solves: {timings['solves']}, eigh fallbacks: {timings['fallbacks']}")
     for g in timings["groups"]:
-        print(f"  group {g['shape']} × {g['layers']} layers: {g['strategy']}/{g['solver']} ({g['form']}), "
-              f"{g['fallbacks']} fallbacks, bases {g['bases_seconds']:.2f} s")
+        rec.say(f"  group {g['shape']} × {g['layers']} layers: {g['strategy']}/{g['solver']} ({g['form']}), "
+                f"{g['fallbacks']} fallbacks, bases {g['bases_seconds']:.2f} s")
+    rec.data["jax"] = {"solves": timings["solves"], "fallbacks": timings["fallbacks"],
+                       "unresolved": len(timings.get("unresolved", [])), "groups": timings["groups"]}
     rows = [("capture (features → stats)", capture_s, None), ("bases + masks", timings["bases"], None),
             ("apply", timings["apply"], None), ("merge total (steady)", merge_s, None),
             ("first call (compile + run)", first_s + capture_compile_s, None)]
 
+    worst = 0.0
     if args.skip_torch and args.check_eigh:
         # Without torch, check against the JAX merge that solves every G_k with a full eigh.
         exact = cat_merge_batched(base_tree, ft_trees, stats, **dict(kwargs, solver="eigh", strategy="explicit"))
         worst = max(float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
                     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(exact)))
-        print(f"max relative error per leaf vs the all-eigh merge: {worst:.2e}")
+        rec.say(f"max relative error per leaf vs the all-eigh merge: {worst:.2e}")
+        rec.data["agreement_vs_eigh"] = {"max_relative_error_per_leaf": worst}
     if not args.skip_torch:
         import torch
 
@@ -287,17 +381,29 @@ def main(argv=None) -> int:
             worst_update = max(worst_update, upd)
             if err > worst:
                 worst, worst_path = err, path
-        print(f"\nagreement: max relative error per leaf {worst:.2e} ({worst_path}); relative to the merged update "
-              f"α·ΣT̃: {worst_update:.2e}; torch eigh time {tt['eigh']:.2f} s of {tt['bases']:.2f} s bases")
-    print("\n| stage | JAX batched (s) | PyTorch reference (s) | ratio |\n|---|---|---|---|")
+        rec.say(f"\nagreement: max relative error per leaf {worst:.2e} ({worst_path}); relative to the merged "
+                f"update α·ΣT̃: {worst_update:.2e}; torch eigh time {tt['eigh']:.2f} s of {tt['bases']:.2f} s bases")
+        rec.data["agreement_vs_torch"] = {"max_relative_error_per_leaf": float(worst), "leaf": worst_path,
+                                          "max_error_relative_to_update": float(worst_update),
+                                          "tolerance": args.tolerance}
+        rec.data["torch"] = {k: float(v) for k, v in tt.items()}
+    rec.say("\n| stage | JAX batched (s) | PyTorch reference (s) | ratio |\n|---|---:|---:|---:|")
+    table = []
     for label, jax_s, torch_s in rows:
         ratio = f"{torch_s / jax_s:.1f}×" if torch_s is not None and jax_s > 0 else "–"
         t = f"{torch_s:.2f}" if torch_s is not None else "–"
-        print(f"| {label} | {jax_s:.2f} | {t} | {ratio} |")
+        rec.say(f"| {label} | {jax_s:.2f} | {t} | {ratio} |")
+        table.append({"stage": label, "jax_s": jax_s, "torch_s": torch_s,
+                      "ratio": None if torch_s is None or jax_s <= 0 else torch_s / jax_s})
+    rec.data["table"] = table
+    status = 0
     if not args.skip_torch and worst > args.tolerance:
-        print(f"FAILED: relative error {worst:.2e} > {args.tolerance:.0e}")
-        return 1
-    return 0
+        rec.say(f"FAILED: relative error {worst:.2e} > {args.tolerance:.0e}")
+        status = 1
+    rec.data["status"] = status
+    for path in rec.write(results):
+        print(f"wrote {path}")
+    return status
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ parameters ≈ 3 GB per model) in a folder on disk, then, in a FRESH process, ru
 that process's peak RSS and the timings.
 
     PYTHONPATH=. python experiments/bench_streaming.py --workdir /tmp/stream_bench          # ~1.5 B params
-    PYTHONPATH=. python experiments/bench_streaming.py --blocks 2 --width 256 --mlp 1024    # quick
+    PYTHONPATH=. python experiments/bench_streaming.py --blocks 2 --width 256 --mlp 1024 --results ''   # quick
+
+The table and the numbers are written to ``<results>/bench_streaming.json`` and ``.log`` (default
+``experiments/results``; a run with other sizes than the defaults is named ``bench_streaming_<blocks>x<width>``;
+``--results ''`` writes nothing), each file atomically.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from experiments.bench_merge import RESULTS, Recorder  # noqa: E402
 from experiments.bench_merge import block_shapes as block_entries  # noqa: E402
 
 
@@ -133,21 +138,30 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--stage", choices=("all", "generate", "merge"), default="all")
-    args = parser.parse_args(argv)
+    parser.add_argument("--results", default=RESULTS, metavar="DIR",
+                        help="write bench_streaming*.json/.log here ('' for nowhere)")
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw)
+    defaults = parser.parse_args([])
+    sized = any(getattr(args, k) != getattr(defaults, k) for k in ("blocks", "width", "mlp", "tasks", "tokens", "c"))
+    rec = Recorder("streaming" + (f"_{args.blocks}x{args.width}" if sized else ""),
+                   "experiments/bench_streaming.py", raw)
+    rec.data["settings"] = {k: v for k, v in vars(args).items() if k not in ("results", "stage")}
 
     per_model = args.blocks * sum(int(np.prod(s)) for s in block_entries(args.width, args.mlp).values())
     need = per_model * 2 * (args.tasks + 2)
     if args.stage in ("all", "generate"):
         os.makedirs(args.workdir, exist_ok=True)
         free = shutil.disk_usage(args.workdir).free
-        print(f"{per_model / 1e9:.2f} B params per model, {need / 2 ** 30:.1f} GiB on disk needed, "
-              f"{free / 2 ** 30:.1f} GiB free")
+        rec.say(f"{per_model / 1e9:.2f} B params per model, {need / 2 ** 30:.1f} GiB on disk needed, "
+                f"{free / 2 ** 30:.1f} GiB free; load average {rec.data['machine']['load_average_1_5_15']}")
         if need > 0.9 * free:
             print("not enough free disk")
             return 1
         t0 = time.perf_counter()
         generate(args)
-        print(f"generated in {time.perf_counter() - t0:.1f} s")
+        rec.data["generate_s"] = time.perf_counter() - t0
+        rec.say(f"generated in {rec.data['generate_s']:.1f} s")
     if args.stage == "generate":
         return 0
     if args.stage == "merge":
@@ -162,11 +176,15 @@ def main(argv=None) -> int:
         print(proc.stderr[-3000:])
         return proc.returncode
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT")][-1][6:])
-    print("\n| quantity | value |\n|---|---|")
+    rec.say("\n| quantity | value |\n|---|---|")
     for key, value in result.items():
-        print(f"| {key} | {value:.2f} |" if isinstance(value, float) else f"| {key} | {value} |")
+        rec.say(f"| {key} | {value:.2f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    rec.data["result"] = result
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
+    if args.stage == "all":
+        for path in rec.write(args.results):
+            print(f"wrote {path}")
     return 0
 
 

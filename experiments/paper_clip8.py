@@ -114,7 +114,7 @@ def table(results: Mapping[str, Mapping[str, float]], tasks: Sequence[str], titl
 
 def run(checkpoints: str, data: str, heads_dir: str | None = None, *, tasks: Sequence[str] = TASKS,
         exemplars: int = 2, methods: Sequence[str] | None = None, alphas: Sequence[float] = ALPHAS,
-        ties_k: Sequence[float] = TIES_K, quiet: bool = False) -> dict:
+        ties_k: Sequence[float] = TIES_K, quiet: bool = False, cat_points: Sequence[dict] | None = None) -> dict:
     """Load everything, merge with every method, evaluate; returns ``{"rows": {method: {task: acc}}, ...}``."""
     from tqdm.auto import tqdm
 
@@ -144,7 +144,7 @@ def run(checkpoints: str, data: str, heads_dir: str | None = None, *, tasks: Seq
         stats.append(capture_stats(model, ft, jnp.asarray(ex, jnp.float32), batch_size=8))
 
     rows, details = score_all_methods(w0, finetuned, stats, score, tasks, methods=methods, alphas=alphas,
-                                      ties_k=ties_k, has_val=has_val, quiet=quiet)
+                                      ties_k=ties_k, has_val=has_val, quiet=quiet, cat_points=cat_points)
     return {"rows": rows, "details": details, "tasks": list(tasks), "selected_on_validation": has_val}
 
 

@@ -182,7 +182,7 @@ def table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str], title: 
 
 def run(pretrained: str, task_folders: Mapping[str, str], data: str, *, exemplars: int = 2,
         methods: Sequence[str] | None = None, alphas: Sequence[float] = ALPHAS, ties_k: Sequence[float] = TIES_K,
-        max_len: int = 128, quiet: bool = False) -> dict:
+        max_len: int = 128, quiet: bool = False, cat_points: Sequence[dict] | None = None) -> dict:
     """Load, merge with every method, score; returns ``{"rows": {method: {task: metric}}, "metrics": ...}``."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -218,7 +218,7 @@ def run(pretrained: str, task_folders: Mapping[str, str], data: str, *, exemplar
 
     # "pretrained": the base encoder under each task's own (fine-tuned) head.
     rows, details = score_all_methods(w0, finetuned, stats, score, tasks, methods=methods, alphas=alphas,
-                                      ties_k=ties_k, has_val=has_val, quiet=quiet)
+                                      ties_k=ties_k, has_val=has_val, quiet=quiet, cat_points=cat_points)
     return {"rows": rows, "details": details, "tasks": tasks, "metrics": metrics, "selected_on_validation": has_val}
 
 

@@ -6,6 +6,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+# CAT's (λ, c) points for the "cat (λ, c on val)" row: the λ line at c = 3 and the c line at λ = 5, searched
+# jointly with the same alpha grid as every other method.
+CAT_LAM_SWEEP = (0.0, 1.0, 5.0, 20.0)
+CAT_C_SWEEP = (1, 3, 5, 8)
+
 
 def method_task_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str], title: str) -> str:
     """The paper's table layout: one row per method, one column per task (scores in [0, 1], shown ×100), then the
@@ -24,12 +29,17 @@ def method_task_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[s
 
 def score_all_methods(w0: Any, finetuned: Sequence[Any], stats: Sequence[Any], score: Callable[[Any, str], dict],
                       tasks: Sequence[str], *, methods: Sequence[str] | None, alphas: Sequence[float],
-                      ties_k: Sequence[float], has_val: bool, quiet: bool) -> tuple[dict, dict]:
+                      ties_k: Sequence[float], has_val: bool, quiet: bool,
+                      cat_points: Sequence[Mapping[str, Any]] | None = None) -> tuple[dict, dict]:
     """``(rows, details)``: test scores of the individual models, the pretrained backbone and every method, with
-    alpha (and TIES's k) chosen on validation when there is any (else each method's defaults)."""
+    alpha chosen on validation when there is any (else each method's defaults), from the same ``alphas`` grid for
+    every method, jointly with each method's own knob (TIES's k over ``ties_k``; Iso-CTS's common fraction; see
+    :data:`experiments.benchmark.evaluate.DEFAULT_KNOBS`). With validation data and CAT among the methods, the
+    row "cat (λ, c on val)" also chooses λ and c over ``cat_points`` (default: :data:`CAT_LAM_SWEEP` at c = 3
+    and :data:`CAT_C_SWEEP` at λ = 5)."""
     from tqdm.auto import tqdm
 
-    from experiments.benchmark.evaluate import load_all_methods, tune_method
+    from experiments.benchmark.evaluate import cat_knob_points, load_all_methods, tune_method
 
     rows: dict[str, dict] = {"individual": {t: score(ft, "test")[t] for t, ft in zip(tasks, finetuned)},
                              "pretrained": score(w0, "test")}
@@ -42,4 +52,10 @@ def score_all_methods(w0: Any, finetuned: Sequence[Any], stats: Sequence[Any], s
                              select_split="val" if has_val else None)
         details[name] = {k: v for k, v in row.items() if k != "val_grid"}
         rows[name] = row.get("test", {})
+    if has_val and "cat" in names:
+        points = cat_points if cat_points is not None else cat_knob_points(CAT_LAM_SWEEP, CAT_C_SWEEP)
+        row, _ = tune_method("cat (λ, c on val)", w0, finetuned, score, alphas=alphas, stats=stats, method="cat",
+                             knob_points=points)
+        details["cat (λ, c on val)"] = {k: v for k, v in row.items() if k != "val_grid"}
+        rows["cat (λ, c on val)"] = row.get("test", {})
     return rows, details

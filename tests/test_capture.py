@@ -267,16 +267,18 @@ def test_custom_rule_and_unseen_leaves():
     assert float(stats["w"].count) == 12
 
 
-def test_lifted_transform_is_a_clear_error():
-    class Scanned(nn.Module):
+def test_lifted_transform_is_captured():
+    """Modules inside a lifted transform (here nn.remat) are captured (tests/test_capture_scan.py covers scan/vmap)."""
+    class Remat(nn.Module):
         @nn.compact
         def __call__(self, x):
             return nn.remat(nn.Dense)(3, name="d")(x)
 
-    x = np.ones((2, 3), np.float32)
-    params = Scanned().init(jax.random.key(0), x)["params"]
-    with pytest.raises(CaptureError, match="lifted transform"):
-        capture_stats(Scanned(), params, x)
+    x = np.random.default_rng(7).normal(size=(4, 3)).astype(np.float32)
+    params = Remat().init(jax.random.key(0), x)["params"]
+    stats = capture_stats(Remat(), params, x, form="gram")
+    np.testing.assert_allclose(stats["d"]["kernel"].gram, _gram(x), rtol=1e-5, atol=1e-5)
+    assert float(stats["d"]["kernel"].count) == 4
 
 
 def test_bad_inputs():

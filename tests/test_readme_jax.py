@@ -84,9 +84,9 @@ def test_nnx_and_equinox_recipes_return_modules_merged_like_the_reference(recipe
     from flax import nnx
 
     assert type(ns["nnx_merged"]).__name__ == "MLP"
-    expected = _first_layer_reference(ns["nnx_base"].up.kernel.value, [t.up.kernel.value for t in ns["nnx_tasks"]],
+    expected = _first_layer_reference(ns["nnx_base"].up.kernel[...], [t.up.kernel[...] for t in ns["nnx_tasks"]],
                                       ns["exemplars"], 0.3)
-    np.testing.assert_allclose(np.asarray(ns["nnx_merged"].up.kernel.value), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ns["nnx_merged"].up.kernel[...]), expected, rtol=1e-4, atol=1e-5)
     assert isinstance(nnx.state(ns["nnx_merged"], nnx.Param), nnx.State)
 
     merged = ns["eqx_merged"]

@@ -25,6 +25,15 @@ whole model, elected sign, disjoint ``ties_agg`` — "sum" as the released conse
 >>> fts = [{"w": jnp.array([1.0, 1.0, 0.0])}, {"w": jnp.array([1.0, 0.0, 1.0])}, {"w": jnp.array([1.0, 0.0, 0.0])}]
 >>> consensus_merge(w0, fts, k=2, lam=0.4, alpha=1.0)["w"].tolist()   # entries 1, 2 are selfish
 [3.0, 0.0, 0.0]
+
+Under ``jax.jit``/``vmap``/``grad``: params, ``alpha`` and ``lam`` (one value or K) may be traced; ``k``, ``base``,
+``ties_k`` and ``ties_agg`` stay static Python values (``ties_k`` fixes which order statistic trims each task). The
+masks are piecewise constant, so ``d/dα`` is the masked multi-task vector and ``d/dλ`` is zero almost everywhere.
+NaN/Inf and ``lam >= 0`` checks run only on concrete inputs.
+
+>>> import jax
+>>> jax.jit(lambda lam: consensus_merge(w0, fts, k=2, lam=lam, alpha=1.0))(0.4)["w"].tolist()
+[3.0, 0.0, 0.0]
 """
 
 from __future__ import annotations
@@ -37,12 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.cat import validate_inputs
+from catmerge_jax.cat import check_scalar
 from catmerge_jax.errors import HyperparameterError
 from catmerge_jax.methods.basic import ties_disjoint_merge
-from catmerge_jax.methods.pcb import flatten_tasks, order_statistics, stack_task_vectors
+from catmerge_jax.methods.pcb import flatten_tasks, merge_inputs, order_statistics, stack_task_vectors, static_number
 from catmerge_jax.methods.registry import MergeMethod, register
-from catmerge_jax.tree import PyTree
+from catmerge_jax.tree import PyTree, is_tracer
 
 
 @jax.jit
@@ -88,13 +97,24 @@ def _ties_leaf(task_vectors: jax.Array, threshold: jax.Array, *, agg: str) -> ja
     return jnp.where(agree, trimmed, 0).sum(0)
 
 
-def _lambdas(lam: float | Sequence[float], num_tasks: int) -> np.ndarray:
-    values = np.atleast_1d(np.asarray(lam, np.float64))
+def _lambdas(lam: float | Sequence[float] | jax.Array, num_tasks: int) -> jax.Array:
+    """``(K,)`` λ_t from one value or K values (a list, an array, or a traced array; its values checked if concrete)."""
+    expected = f"TALL-mask lam must be one value >= 0 or {num_tasks} values >= 0 (one per task), got {lam!r}"
+    try:
+        values = jnp.stack([jnp.asarray(v) for v in lam]) if isinstance(lam, (list, tuple)) else jnp.asarray(lam)
+    except (TypeError, ValueError):
+        raise HyperparameterError(expected) from None
     if values.size == 1:
-        values = np.full(num_tasks, float(values[0]))
-    if values.shape != (num_tasks,) or not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise HyperparameterError(f"TALL-mask lam must be one value >= 0 or {num_tasks} values >= 0 (one per task), "
-                                  f"got {lam}")
+        values = jnp.broadcast_to(values.reshape(()), (num_tasks,))
+    if values.shape != (num_tasks,):
+        raise HyperparameterError(expected)
+    if not (jnp.issubdtype(values.dtype, jnp.floating) or jnp.issubdtype(values.dtype, jnp.integer)) or \
+            values.dtype == jnp.bool_:
+        raise HyperparameterError(expected)
+    if not is_tracer(values):
+        host = np.asarray(values, np.float64)
+        if not np.all(np.isfinite(host)) or np.any(host < 0):
+            raise HyperparameterError(expected)
     return values
 
 
@@ -109,7 +129,7 @@ def _mtl_vectors(tvs: list[jax.Array], base: str, ties_k: float, ties_agg: str) 
     if base not in ("task_arithmetic", "ties"):
         raise HyperparameterError(f"consensus base must be 'task_arithmetic' or 'ties', got {base!r}")
     if base == "ties":
-        if not 0.0 <= float(ties_k) <= 1.0:
+        if not 0.0 <= static_number("ties_k", ties_k, "how many entries of each task TIES keeps") <= 1.0:
             raise HyperparameterError(f"ties_k (fraction kept) must be in [0, 1], got {ties_k}")
         if ties_agg not in ("sum", "mean"):
             raise HyperparameterError(f"ties_agg must be 'sum' or 'mean', got {ties_agg!r}")
@@ -125,20 +145,25 @@ def _task_sum(task_vectors: jax.Array) -> jax.Array:
 
 @jax.jit
 def _consensus_leaf(base: jax.Array, tvs: jax.Array, mtl: jax.Array, lam: jax.Array, k: int,
-                    alpha: float) -> jax.Array:
+                    alpha: float | jax.Array) -> jax.Array:
     keep = consensus_mask(tall_mask(tvs, mtl, lam.astype(tvs.dtype)), k)
-    return (base.astype(tvs.dtype) + alpha * jnp.where(keep, mtl, 0)).astype(base.dtype)
+    scale = jnp.asarray(alpha).astype(tvs.dtype)
+    return (base.astype(tvs.dtype) + scale * jnp.where(keep, mtl, 0)).astype(base.dtype)
 
 
 def tall_masks(pretrained: PyTree, finetuned: Sequence[PyTree], *, lam: float | Sequence[float] = 0.4,
                base: str = "task_arithmetic", ties_k: float = 0.2, ties_agg: str = "sum") -> list[PyTree]:
-    """The K TALL masks (bool trees like the params), ``m_t = |τ_t| > λ_t |τ_MTL − τ_t|``."""
-    validate_inputs(pretrained, finetuned)
-    lams = _lambdas(lam, len(finetuned))
-    _, treedef, tvs = _task_vector_columns(pretrained, finetuned)
+    """The K TALL masks, ``m_t = |τ_t| > λ_t |τ_MTL − τ_t|``.
+
+    Inputs as :func:`consensus_merge`. Each mask is a plain bool tree like the params tree (for a module:
+    ``nnx.state(m, nnx.Param)`` / ``eqx.filter(m, eqx.is_inexact_array)``), as ``cm.cat_trim``'s outputs are.
+    """
+    view, fts = merge_inputs(pretrained, finetuned)
+    lams = _lambdas(lam, len(fts))
+    _, treedef, tvs = _task_vector_columns(view.params, fts)
     mtl = _mtl_vectors(tvs, base, ties_k, ties_agg)
-    per_leaf = [tall_mask(t, v, jnp.asarray(lams).astype(t.dtype)) for t, v in zip(tvs, mtl)]
-    return [jax.tree.unflatten(treedef, [m[k] for m in per_leaf]) for k in range(len(finetuned))]
+    per_leaf = [tall_mask(t, v, lams.astype(t.dtype)) for t, v in zip(tvs, mtl)]
+    return [jax.tree.unflatten(treedef, [m[k] for m in per_leaf]) for k in range(len(fts))]
 
 
 def consensus_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, k: int = 2,
@@ -147,32 +172,33 @@ def consensus_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, k: int =
     """Consensus Merging: ``W0 + α ([Σ_t m_t ≥ k] ∘ τ_MTL)``.
 
     Args:
-      pretrained: W0.
-      finetuned: K trees.
+      pretrained: W0: a params pytree, an ``nnx.Module`` or an ``equinox.Module``.
+      finetuned: K trees of the same kind.
       k: minimum number of tasks whose TALL mask must hold a parameter (integer ≥ 0; 0 keeps everything, k > K
         removes everything).
-      lam: λ ≥ 0 of the TALL masks, one value or K values.
-      alpha: scale of the masked multi-task vector.
+      lam: λ ≥ 0 of the TALL masks, one value or K values; may be traced.
+      alpha: scale of the masked multi-task vector; may be traced (``jit``/``vmap``/``grad``).
       base: ``"task_arithmetic"`` (τ_MTL = Σ τ_t) or ``"ties"``.
       ties_k, ties_agg: TIES fraction kept and disjoint aggregation when ``base="ties"``.
       progress: tqdm bar over leaves.
     Returns:
-      The merged params, same structure and dtypes as ``pretrained``.
+      The merged params, same structure and dtypes as ``pretrained`` (a module for a module).
     """
-    validate_inputs(pretrained, finetuned)
+    view, fts = merge_inputs(pretrained, finetuned)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-        raise HyperparameterError(f"consensus k (minimum number of tasks) must be an integer >= 0, got {k!r}")
-    lams = _lambdas(lam, len(finetuned))
-    base_leaves, treedef, tvs = _task_vector_columns(pretrained, finetuned)
+        raise HyperparameterError(f"consensus k (minimum number of tasks) must be a static Python integer >= 0, "
+                                  f"got {k!r}")
+    check_scalar("alpha", alpha)
+    lams = _lambdas(lam, len(fts))
+    base_leaves, treedef, tvs = _task_vector_columns(view.params, fts)
     mtl = _mtl_vectors(tvs, base, ties_k, ties_agg)
     indices = range(len(base_leaves))
     if progress:
         from tqdm.auto import tqdm
 
         indices = tqdm(indices, desc="consensus merge", unit="leaf")
-    merged = [_consensus_leaf(jnp.asarray(base_leaves[j]), tvs[j], mtl[j], jnp.asarray(lams), int(k), float(alpha))
-              for j in indices]
-    return jax.tree.unflatten(treedef, merged)
+    merged = [_consensus_leaf(jnp.asarray(base_leaves[j]), tvs[j], mtl[j], lams, int(k), alpha) for j in indices]
+    return view.rebuild(jax.tree.unflatten(treedef, merged))
 
 
 def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **hparams):

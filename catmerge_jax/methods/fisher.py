@@ -28,6 +28,17 @@ Fishers come from per-example gradients, computed with one ``jax.vmap(jax.grad(l
 >>> loss = lambda p, x: jnp.sum(p["w"] * x) ** 2 / 2          # per-example loss
 >>> fm.diagonal_fisher(loss, {"w": jnp.ones(3)}, jnp.eye(3))["w"].tolist()
 [0.3333333432674408, 0.3333333432674408, 0.3333333432674408]
+
+:func:`fisher_merge` runs under ``jax.jit``/``vmap``/``grad`` with params, Fishers, ``epsilon`` and the model
+coefficients ``λ_k`` traced (Fisher merging has no α: it averages whole weights). The checks on values (NaN/Inf,
+negative Fishers, ``ε >= 0``, ``λ_k >= 0`` not all zero) run only on concrete inputs; under tracing only the tree
+structure, shapes and the number of coefficients are checked. The estimators (:func:`diagonal_fisher`,
+:func:`unlabeled_fisher`) walk the examples in Python-side chunks whose number is fixed by the (static) example
+count and ``batch_size``, so they trace too, with params, examples and the seed (an int array or a key) traced.
+
+>>> import jax
+>>> jax.jit(fm.fisher_merge)(w0, fts, fishers, epsilon=0.0, coefficients=jnp.array([1.0, 3.0]))["w"].tolist()
+[2.5, 3.0, 2.5]
 """
 
 from __future__ import annotations
@@ -40,10 +51,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.cat import validate_inputs
+from catmerge_jax.cat import check_scalar
 from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, TreeMismatchError
+from catmerge_jax.methods.dare import as_key
+from catmerge_jax.methods.pcb import merge_inputs, per_task_trees
 from catmerge_jax.methods.registry import MergeMethod, register
-from catmerge_jax.tree import PyTree, check_finite, check_same_structure, leaves_with_paths
+from catmerge_jax.tree import PyTree, check_finite, check_same_structure, is_concrete, is_tracer, leaves_with_paths
 
 
 def _compute_dtype(x: Any) -> np.dtype:
@@ -67,12 +80,6 @@ def _num_examples(examples: PyTree) -> int:
     if n < 1:
         raise HyperparameterError("need at least one example, got 0")
     return n
-
-
-def _as_key(seed: Any) -> jax.Array:
-    if isinstance(seed, (int, np.integer)):
-        return jax.random.key(int(seed))
-    return seed
 
 
 @functools.partial(jax.jit, static_argnames=("fn",))
@@ -216,21 +223,41 @@ def unlabeled_fisher(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, inp
         raise HyperparameterError(f"num_samples must be >= 1, got {num_samples}")
     n = _num_examples(inputs)
     fn = _GaussianOutputSquaredGradient(apply_fn, int(num_samples), bool(add_batch_axis))
-    return _mean_over_examples(fn, params, (inputs, jnp.arange(n)), _as_key(seed), batch_size=batch_size,
+    return _mean_over_examples(fn, params, (inputs, jnp.arange(n)), as_key(seed), batch_size=batch_size,
                                progress=progress, desc="unlabeled Fisher")
 
 
 @jax.jit
 def _fisher_leaf(base: jax.Array, weights: Sequence[jax.Array], fishers: Sequence[jax.Array],
-                 coefficients: jax.Array, epsilon: float) -> jax.Array:
+                 coefficients: jax.Array, epsilon: float | jax.Array) -> jax.Array:
     """K weights and Fishers of one leaf → their Fisher-weighted average, in ``base``'s dtype."""
     dt = _compute_dtype(base)
     w = jnp.stack([x.astype(dt) for x in weights])
     lam = coefficients.astype(dt).reshape((-1,) + (1,) * (w.ndim - 1))
-    f = lam * jnp.maximum(jnp.stack([x.astype(dt) for x in fishers]), epsilon)
+    f = lam * jnp.maximum(jnp.stack([x.astype(dt) for x in fishers]), jnp.asarray(epsilon).astype(dt))
     den = f.sum(0)
     plain = (lam * w).sum(0) / lam.sum()
     return jnp.where(den > 0, (f * w).sum(0) / jnp.where(den > 0, den, 1), plain).astype(base.dtype)
+
+
+def _coefficients(coefficients: Sequence[float] | jax.Array | None, num_tasks: int) -> jax.Array:
+    """``(K,)`` model coefficients λ_k (uniform if None); values checked when concrete, shape always."""
+    expected = f"coefficients must be {num_tasks} finite values >= 0, not all zero; got {coefficients!r}"
+    if coefficients is None:
+        return jnp.ones(num_tasks)
+    try:
+        lam = jnp.stack([jnp.asarray(c) for c in coefficients]) if isinstance(coefficients, (list, tuple)) \
+            else jnp.asarray(coefficients)
+    except (TypeError, ValueError):
+        raise HyperparameterError(expected) from None
+    if lam.shape != (num_tasks,) or not (jnp.issubdtype(lam.dtype, jnp.floating) or
+                                         jnp.issubdtype(lam.dtype, jnp.integer)) or lam.dtype == jnp.bool_:
+        raise HyperparameterError(expected)
+    if not is_tracer(lam):
+        host = np.asarray(lam, np.float64)
+        if np.any(host < 0) or not np.all(np.isfinite(host)) or host.sum() <= 0:
+            raise HyperparameterError(expected)
+    return lam
 
 
 def fisher_merge(pretrained: PyTree, finetuned: Sequence[PyTree], fishers: Sequence[PyTree], *,
@@ -240,46 +267,43 @@ def fisher_merge(pretrained: PyTree, finetuned: Sequence[PyTree], fishers: Seque
 
     Args:
       pretrained: W0 — fixes the structure, shapes and output dtypes (Fisher merging averages whole weights).
-      finetuned: K trees ``W_k``.
+        A params pytree, an ``nnx.Module`` or an ``equinox.Module`` (the result is then the same kind).
+      finetuned: K trees ``W_k`` of the same kind.
       fishers: K trees of diagonal Fishers (same structure and shapes as the params; any float dtype), e.g.
-        from :func:`diagonal_fisher` or :func:`unlabeled_fisher` at each ``W_k``.
+        from :func:`diagonal_fisher` or :func:`unlabeled_fisher` at each ``W_k``. For module inputs: modules
+        holding the Fishers in place of the weights, or their params trees (``nnx.state(m, nnx.Param)``,
+        ``eqx.filter(m, eqx.is_inexact_array)``).
       epsilon: Fisher floor ε ≥ 0 (Matena & Raffel's ``fisher_floor``, 1e-6). Where ``Σ_k λ_k F̂_k = 0`` the
-        result is the λ-weighted plain average.
-      coefficients: model weights ``λ_k ≥ 0`` (uniform if None), not all zero.
+        result is the λ-weighted plain average. May be traced.
+      coefficients: model weights ``λ_k ≥ 0`` (uniform if None), not all zero; a list or a ``(K,)`` array, may
+        be traced (``jit``/``vmap``/``grad``).
       progress: tqdm bar over leaves.
     Returns:
-      The merged params, same structure and dtypes as ``pretrained``.
+      The merged params, same structure and dtypes as ``pretrained`` (a module for a module).
     """
-    validate_inputs(pretrained, finetuned)
-    if fishers is None or len(fishers) != len(finetuned):
-        got = "none" if fishers is None else len(fishers)
-        raise MissingStatisticsError(f"fisher merging needs one Fisher tree per fine-tuned model: got {got} for "
-                                     f"{len(finetuned)} model(s)")
+    view, fts = merge_inputs(pretrained, finetuned)
+    fishers = per_task_trees(fishers, "fishers", len(fts), "Fisher tree")
     for k, f in enumerate(fishers):
-        check_same_structure(pretrained, f, what=f"fishers[{k}]", check_dtype=False)
+        check_same_structure(view.params, f, what=f"fishers[{k}]", check_dtype=False)
         check_finite(f, what=f"fishers[{k}]")
-        negative = [p for p, x in leaves_with_paths(f) if np.any(np.asarray(x) < 0)]
+        negative = [p for p, x in leaves_with_paths(f) if is_concrete(x) and np.any(np.asarray(x) < 0)]
         if negative:
             raise HyperparameterError(f"fishers[{k}]: leaf '{negative[0]}' holds negative values; a diagonal "
                                       "Fisher is non-negative")
-    if not np.isfinite(epsilon) or epsilon < 0:
-        raise HyperparameterError(f"epsilon (Fisher floor) must be finite and >= 0, got {epsilon}")
-    lam = np.ones(len(finetuned)) if coefficients is None else np.asarray(coefficients, np.float64)
-    if lam.shape != (len(finetuned),) or np.any(lam < 0) or not np.all(np.isfinite(lam)) or lam.sum() <= 0:
-        raise HyperparameterError(f"coefficients must be {len(finetuned)} finite values >= 0, not all zero; "
-                                  f"got {coefficients}")
+    check_scalar("epsilon (Fisher floor)", epsilon, minimum=0.0)
+    lam = _coefficients(coefficients, len(fts))
 
-    base_leaves, treedef = jax.tree.flatten(pretrained)
-    columns = list(zip(*[jax.tree.leaves(t) for t in finetuned]))
+    base_leaves, treedef = jax.tree.flatten(view.params)
+    columns = list(zip(*[jax.tree.leaves(t) for t in fts]))
     fisher_columns = list(zip(*[jax.tree.leaves(f) for f in fishers]))
     indices = range(len(base_leaves))
     if progress:
         from tqdm.auto import tqdm
 
         indices = tqdm(indices, desc="Fisher merge", unit="leaf")
-    merged = [_fisher_leaf(jnp.asarray(base_leaves[j]), columns[j], fisher_columns[j], jnp.asarray(lam),
-                           float(epsilon)) for j in indices]
-    return jax.tree.unflatten(treedef, merged)
+    merged = [_fisher_leaf(jnp.asarray(base_leaves[j]), columns[j], fisher_columns[j], lam, epsilon)
+              for j in indices]
+    return view.rebuild(jax.tree.unflatten(treedef, merged))
 
 
 def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, fishers=None, **hparams):

@@ -27,6 +27,15 @@ model, all P parameters of a task concatenated):
 >>> m = pcb_merge(w0, fts, keep_ratio=0.5, clip_ratio=0.0)
 >>> m["w"].tolist()          # each task keeps its 3 largest entries (P − ⌊P·0.5⌋ − 1)
 [7.0, 6.0, 5.0, 0.0, 0.0, 5.0, 6.0, 7.0]
+
+Under ``jax.jit``/``vmap``/``grad``: params and ``alpha`` may be traced; ``keep_ratio`` and ``clip_ratio`` fix which
+order statistics are read (array positions) and stay static Python numbers. Traced inputs sort on the device
+instead of the host's linear-time selection (same entries, exact); the NaN/Inf checks run only on concrete inputs.
+
+>>> import jax
+>>> merge = jax.jit(lambda a: pcb_merge(w0, fts, keep_ratio=0.5, clip_ratio=0.0, alpha=a))
+>>> [round(v, 5) for v in merge(0.5)["w"].tolist()]           # float32 rounding of a fused computation
+[3.5, 3.0, 2.5, 0.0, 0.0, 2.5, 3.0, 3.5]
 """
 
 from __future__ import annotations
@@ -37,10 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.cat import validate_inputs
-from catmerge_jax.errors import HyperparameterError
+from catmerge_jax.cat import ParamsView, check_scalar, finetuned_list, params_view, validate_inputs
+from catmerge_jax.errors import HyperparameterError, MissingStatisticsError
 from catmerge_jax.methods.registry import MergeMethod, register
-from catmerge_jax.tree import PyTree
+from catmerge_jax.tree import PyTree, is_tracer
 
 
 def _compute_dtype(x: Any) -> np.dtype:
@@ -49,14 +58,64 @@ def _compute_dtype(x: Any) -> np.dtype:
     return dt if jnp.issubdtype(dt, jnp.floating) and dt.itemsize >= 4 else np.dtype(np.float32)
 
 
+def static_number(name: str, value: Any, why: str) -> float:
+    """``float(value)`` for a hyperparameter that must be a static Python number; one-line error for a tracer.
+
+    ``why`` says what the value decides (e.g. "how many entries are kept"), so a user who passed it through
+    ``jax.jit`` learns to mark it static instead of reading a ``ConcretizationTypeError``.
+    """
+    if is_tracer(value):
+        raise HyperparameterError(f"{name} decides {why}, so it must be a static Python number, not a traced value "
+                                  "(pass it through jax.jit as a static argument or close over it)")
+    return float(value)
+
+
+def merge_inputs(pretrained: Any, finetuned: Sequence[Any]) -> tuple[ParamsView, list[PyTree]]:
+    """The base as a :class:`~catmerge_jax.cat.ParamsView` and the K fine-tuned params trees, validated.
+
+    nnx and equinox modules are split into their params tree (:func:`catmerge_jax.cat.params_view`), so a method
+    works on plain trees and hands its result to ``view.rebuild`` to return the caller's kind of object. A single
+    tree where a list is expected is a one-line error (:func:`catmerge_jax.cat.finetuned_list`).
+    """
+    view = params_view(pretrained)
+    fts = [params_view(f).params for f in finetuned_list(finetuned)]
+    validate_inputs(view.params, fts)
+    return view, fts
+
+
+def per_task_trees(trees: Any, name: str, num_tasks: int, what: str) -> list[PyTree]:
+    """K per-task input trees (Fishers, gradients) as plain params trees, modules split like the params.
+
+    Args:
+      trees: a list or tuple of K trees (params-like dicts, nnx ``State``/``Module``, equinox ``Module`` or its
+        ``eqx.filter(..., eqx.is_inexact_array)`` tree).
+      name: the argument's name in messages (``"fishers"``).
+      num_tasks: K, the number of fine-tuned models.
+      what: what one tree is, for messages (``"Fisher tree"``).
+    Raises:
+      MissingStatisticsError: ``trees`` is None, a single tree, or holds another number of trees than K.
+    """
+    if trees is None or not isinstance(trees, (list, tuple)) or hasattr(trees, "_fields"):
+        got = "none" if trees is None else f"a single {type(trees).__name__}"
+        raise MissingStatisticsError(f"{name} must be a list of {num_tasks} {what}s (one per fine-tuned model), "
+                                     f"got {got}")
+    if len(trees) != num_tasks:
+        raise MissingStatisticsError(f"{name}: need one {what} per fine-tuned model: got {len(trees)} for "
+                                     f"{num_tasks} model(s)")
+    return [params_view(t).params for t in trees]
+
+
 def order_statistics(x: Any, positions: Sequence[int]) -> jax.Array:
     """``(R, len(positions))``: the entries at ascending ``positions`` of each row of ``x`` ``(R, P)``.
 
     Model-wide thresholds need a few order statistics of millions of entries. XLA's CPU sort is slow for that
-    (seconds for ~10M entries), so arrays that live on the CPU use ``np.partition`` (linear time); arrays on an
-    accelerator are sorted there. Both give the exact same entries.
+    (seconds for ~10M entries), so concrete arrays that live on the CPU use ``np.partition`` (linear time); arrays on
+    an accelerator, and traced arrays (inside ``jit``/``vmap``/``grad``, where the host cannot read them), are sorted
+    with ``jnp.sort``. Both give the exact same entries. ``positions`` are static Python ints.
     """
     positions = [int(i) for i in positions]
+    if is_tracer(x):
+        return jnp.sort(x, axis=1)[:, np.asarray(positions)]
     devices = x.devices() if isinstance(x, jax.Array) else set()
     if all(d.platform == "cpu" for d in devices):
         host = np.asarray(x)
@@ -133,10 +192,12 @@ def _clip_and_weigh(task_vectors: jax.Array, balance: jax.Array, lo: jax.Array, 
 
 
 def _check(keep_ratio: float, clip_ratio: float) -> None:
-    if not (0.0 < float(keep_ratio) <= 1.0):
+    keep_ratio = static_number("PCB keep_ratio", keep_ratio, "how many entries of each task are kept")
+    clip_ratio = static_number("PCB clip_ratio", clip_ratio, "which order statistics clip |τ|")
+    if not (0.0 < keep_ratio <= 1.0):
         raise HyperparameterError(f"PCB keep_ratio (fraction of each task vector kept) must be in (0, 1], "
                                   f"got {keep_ratio}")
-    if not (0.0 <= float(clip_ratio) < 0.5):
+    if not (0.0 <= clip_ratio < 0.5):
         raise HyperparameterError(f"PCB clip_ratio (outlier fraction clipped at each end) must be in [0, 0.5), "
                                   f"got {clip_ratio}")
 
@@ -146,18 +207,21 @@ def pcb_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, keep_ratio: fl
     """PCB-Merging: ``W0 + α Σ_i s_i ∘ τ̂_i / Σ_i s_i`` (see the module docstring for ``s`` and ``τ̂``).
 
     Args:
-      pretrained: W0.
-      finetuned: K trees.
+      pretrained: W0: a params pytree, an ``nnx.Module`` or an ``equinox.Module``.
+      finetuned: K trees of the same kind.
       keep_ratio: fraction r of each task's parameters kept by balanced score (0.1).
       clip_ratio: fraction of ``|τ_i|`` clipped at each end before scoring (1e-4; 0 disables).
-      alpha: scale of the merged (weighted-mean) task vector (1.0).
+      alpha: scale of the merged (weighted-mean) task vector (1.0); may be traced (``jit``/``vmap``/``grad``).
       progress: tqdm bar over leaves for the final merge.
     Returns:
-      The merged params, same structure and dtypes as ``pretrained``.
+      The merged params, same structure and dtypes as ``pretrained`` (the same kind of object: a module for a
+      module).
     """
-    validate_inputs(pretrained, finetuned)
-    base_leaves, treedef = jax.tree.flatten(pretrained)
-    columns = list(zip(*[jax.tree.leaves(t) for t in finetuned]))
+    view, fts = merge_inputs(pretrained, finetuned)
+    check_scalar("alpha", alpha)
+    _check(keep_ratio, clip_ratio)
+    base_leaves, treedef = jax.tree.flatten(view.params)
+    columns = list(zip(*[jax.tree.leaves(t) for t in fts]))
     tvs = [stack_task_vectors(jnp.asarray(b), col) for b, col in zip(base_leaves, columns)]
     scores = pcb_scores(tvs, keep_ratio=float(keep_ratio), clip_ratio=float(clip_ratio))
     indices = range(len(base_leaves))
@@ -165,9 +229,8 @@ def pcb_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, keep_ratio: fl
         from tqdm.auto import tqdm
 
         indices = tqdm(indices, desc="PCB merge", unit="leaf")
-    merged = [_combine(jnp.asarray(base_leaves[j]), scores.clipped[j], scores.weights[j], float(alpha))
-              for j in indices]
-    return jax.tree.unflatten(treedef, merged)
+    merged = [_combine(jnp.asarray(base_leaves[j]), scores.clipped[j], scores.weights[j], alpha) for j in indices]
+    return view.rebuild(jax.tree.unflatten(treedef, merged))
 
 
 @jax.jit
@@ -178,9 +241,9 @@ def stack_task_vectors(base: jax.Array, weights: Sequence[jax.Array]) -> jax.Arr
 
 
 @jax.jit
-def _combine(base: jax.Array, clipped: jax.Array, weights: jax.Array, alpha: float) -> jax.Array:
+def _combine(base: jax.Array, clipped: jax.Array, weights: jax.Array, alpha: float | jax.Array) -> jax.Array:
     tau = (weights * clipped).sum(0) / jnp.maximum(weights.sum(0), 1e-12)
-    return (base.astype(tau.dtype) + alpha * tau).astype(base.dtype)
+    return (base.astype(tau.dtype) + jnp.asarray(alpha).astype(tau.dtype) * tau).astype(base.dtype)
 
 
 def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **hparams):
@@ -191,4 +254,5 @@ def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **h
 register(MergeMethod("pcb", _merge, {"keep_ratio": 0.1, "clip_ratio": 1e-4, "alpha": 1.0},
                      description="PCB-Merging (Du et al., 2024): parameter competition balancing"))
 
-__all__ = ["pcb_merge", "pcb_scores", "PCBScores", "order_statistics", "flatten_tasks", "stack_task_vectors"]
+__all__ = ["pcb_merge", "pcb_scores", "PCBScores", "order_statistics", "flatten_tasks", "stack_task_vectors",
+           "static_number", "merge_inputs", "per_task_trees"]

@@ -17,8 +17,13 @@ ever excite (zero Gram row in every task) leaves its kernel row undetermined; th
 α < 1 and every input excited, ``Σ_k G̃_k`` is positive definite; α = 1 needs ``Σ_k X_kᵀX_k`` nonsingular (at least
 ``in`` independent exemplar rows) and a singular system raises :class:`~catmerge_jax.errors.NonFiniteError`.
 
-Linear leaves with more than two axes are read as ``(in, out)`` matrices through
-:meth:`catmerge_jax.roles.LeafSpec.matrix_shape` (e.g. a Conv kernel over unfolded patches).
+Every LINEAR leaf is read through :meth:`catmerge_jax.roles.LeafSpec.matrices` as a stack of ``(in, out)``
+matrices, one per layer: a Conv kernel over unfolded patches, an equinox ``Linear`` weight stored ``(out, in)``
+(roles from the module types), a stacked ``(L, in, out)`` kernel of a scanned model (per-layer statistics:
+``count (L,)``, ``gram (L, in, in)`` or ``rows (L, n, in)``, as :func:`catmerge_jax.capture.capture_stats` gives
+them; each layer is its own least-squares problem) and a fused ``q|k|v`` projection (``out_blocks``; the blocks
+share their input statistics, and each block is solved independently, which for RegMean is the same as one solve).
+nnx and equinox modules go in and come out as modules (:func:`catmerge_jax.cat.params_view`).
 
 >>> import numpy as np, jax.numpy as jnp
 >>> import catmerge_jax as cm
@@ -31,23 +36,37 @@ Linear leaves with more than two axes are read as ``(in, out)`` matrices through
 >>> merged = regmean_merge(w0, fts, stats)
 >>> merged["dense"]["kernel"].ravel().tolist(), merged["dense"]["bias"].tolist()
 ([1.0, 1.0], [0.5])
+
+Under ``jax.jit``/``vmap``/``grad``: params, statistics (Grams, rows and counts) and ``alpha`` may be traced;
+``normalize`` is static. ``d/dα`` is the derivative of the solution, ``W' = (Σ G̃)⁻¹ (Σ_k O_k W_k − (Σ_k O_k) W)``
+with ``O_k`` the off-diagonal part of ``G_k``. Grams are formed in the compute dtype (float32 for float32 or
+narrower weights) at the highest matmul precision. Checks that need values run only on concrete inputs: NaN/Inf,
+``0 <= alpha <= 1``, a zero row count, the α = 1 rank test, and the singular-system check after the solve; under
+tracing a singular system (α = 1 with too few rows) gives NaN/Inf in that leaf instead of an error.
+
+>>> import jax
+>>> jax.jit(lambda a: regmean_merge(w0, fts, stats, alpha=a))(0.5)["dense"]["kernel"].ravel().tolist()
+[1.0, 1.0]
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.cat import validate_inputs
-from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, NonFiniteError, TreeMismatchError
+from catmerge_jax.cat import (LeafInput, _combined_roles, check_scalar, finetuned_list, linear_inputs, params_view,
+                              validate_inputs)
+from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, NonFiniteError
 from catmerge_jax.methods.registry import MergeMethod, register
-from catmerge_jax.roles import LeafSpec, Overrides, Role, classify, is_spec
+from catmerge_jax.roles import LeafSpec, Overrides, Role, check_spec, classify, is_spec, with_stacking
 from catmerge_jax.stats import LeafStats, is_leaf_stats
-from catmerge_jax.tree import PyTree, leaves_with_paths
+from catmerge_jax.tree import PyTree, is_concrete, leaves_with_paths
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _compute_dtype(x: Any) -> np.dtype:
@@ -57,9 +76,9 @@ def _compute_dtype(x: Any) -> np.dtype:
 
 
 def shrink_off_diagonal(gram: jax.Array, alpha: float | jax.Array) -> jax.Array:
-    """``diag(G) + α (G − diag(G))`` for ``(..., n, n)`` Grams."""
+    """``diag(G) + α (G − diag(G))`` for ``(..., n, n)`` Grams (``α`` in the Grams' dtype; may be traced)."""
     eye = jnp.eye(gram.shape[-1], dtype=bool)
-    return jnp.where(eye, gram, alpha * gram)
+    return jnp.where(eye, gram, jnp.asarray(alpha).astype(gram.dtype) * gram)
 
 
 @jax.jit
@@ -78,7 +97,7 @@ def regmean_linear(kernels: jax.Array, grams: jax.Array, alpha: float | jax.Arra
     # Solve for the deviation from the plain mean: the same W when Σ G̃ is nonsingular, better conditioned in
     # floating point, and exactly W_1 for K = 1 (a zero right-hand side).
     mean = kernels.mean(0)
-    rhs = jnp.einsum("kab,kbo->ao", shrunk, kernels - mean[None])
+    rhs = jnp.einsum("kab,kbo->ao", shrunk, kernels - mean[None], precision=_HIGHEST)
     # A zero diagonal entry of Σ G̃ means that input is zero on every exemplar of every task (its Gram row and
     # column vanish too): the system says nothing about that kernel row, which stays at the plain mean.
     dead = jnp.diagonal(lhs) <= 0
@@ -87,52 +106,110 @@ def regmean_linear(kernels: jax.Array, grams: jax.Array, alpha: float | jax.Arra
     return mean + jnp.linalg.solve(lhs, rhs)
 
 
-def _linear_grams(path: str, spec: LeafSpec, shape: tuple[int, ...], per_task: Sequence[LeafStats],
-                  normalize: bool) -> np.ndarray:
-    """``(K, in, in)`` float64 Grams of one LINEAR leaf (host side: statistics are host arrays)."""
-    fan_in = spec.matrix_shape(shape)[0]
-    grams = []
-    for k, s in enumerate(per_task):
-        count = float(np.asarray(s.count)) if s.count is not None else 0.0
-        if not s.has_linear or count <= 0:
-            raise MissingStatisticsError(f"leaf '{path}': task {k} has no input rows/Gram statistics (RegMean needs "
-                                         "the layer inputs of every task; was the layer in the exemplars' forward "
-                                         "path?)")
-        if s.gram is not None:
-            g = np.asarray(s.gram, np.float64)
-        else:
-            rows = np.asarray(s.rows, np.float64)
-            g = rows.T @ rows
-        if g.shape != (fan_in, fan_in):
-            raise TreeMismatchError(f"leaf '{path}': task {k} Gram has shape {tuple(g.shape)}, expected "
-                                    f"{(fan_in, fan_in)} for a kernel of shape {shape} read as "
-                                    f"{spec.matrix_shape(shape)}")
-        grams.append(g / count if normalize else g)
-    return np.stack(grams)
+class _Inputs(NamedTuple):
+    leaves: list[LeafInput]
+    bases: list[jax.Array]
+    treedef: Any
+    rebuild: Callable[[PyTree], Any]
 
 
-@functools.partial(jax.jit, static_argnames=("matrix_shape",))
-def _regmean_leaf(base: jax.Array, weights: Sequence[jax.Array], grams: jax.Array, alpha: float, *,
-                  matrix_shape: tuple[int, int]) -> jax.Array:
-    dt = _compute_dtype(base)
-    kernels = jnp.stack([w.astype(dt).reshape(matrix_shape) for w in weights])
-    return regmean_linear(kernels, grams.astype(dt), alpha).reshape(base.shape).astype(base.dtype)
+def _leaf_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTree], roles: Overrides) -> _Inputs:
+    """Every leaf as a :class:`~catmerge_jax.cat.LeafInput` (task vectors ``(K, *shape)`` in the compute dtype).
+
+    The reading of :func:`catmerge_jax.cat.tree_inputs`: modules split by ``params_view``, roles from the module
+    types under the user's ``roles``, a leaf whose statistics have per-layer counts read as stacked layers.
+    (Not ``tree_inputs`` itself: its compute dtype comes from ``jnp.promote_types(dtype, float32)``, which has no
+    float64/float32 path under strict dtype promotion, and RegMean runs under it in the tests.)
+    """
+    view = params_view(pretrained)
+    fts = [params_view(f).params for f in finetuned_list(finetuned)]
+    validate_inputs(view.params, fts, stats)
+    specs = [sp for _, sp in leaves_with_paths(classify(view.params, _combined_roles(view.roles, roles)),
+                                               is_leaf=is_spec)]
+    paths_leaves = leaves_with_paths(view.params)
+    treedef = jax.tree.structure(view.params)
+    task_leaves = [jax.tree.leaves(t) for t in fts]
+    stat_leaves = [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
+    leaves, bases = [], []
+    for j, (path, base) in enumerate(paths_leaves):
+        base = jnp.asarray(base)
+        dt = _compute_dtype(base)
+        per_task = [s[j] for s in stat_leaves]
+        spec = specs[j]
+        if per_task[0].count is not None and np.ndim(per_task[0].count) > 0:
+            spec = with_stacking(spec, base.shape, np.ndim(per_task[0].count))
+            check_spec(path, base.shape, spec)
+        tvs = jnp.stack([jnp.asarray(t[j]).astype(dt) - base.astype(dt) for t in task_leaves])
+        leaves.append(LeafInput(path, spec, tvs, per_task))
+        bases.append(base)
+    return _Inputs(leaves, bases, treedef, view.rebuild)
+
+
+def _check_counts(leaf: LeafInput) -> None:
+    """Every task and every stacked layer of a LINEAR leaf saw at least one row (when the counts are concrete)."""
+    for k, s in enumerate(leaf.stats or ()):
+        if s.count is not None and is_concrete(s.count):
+            count = np.asarray(s.count).reshape(-1)
+            empty = np.flatnonzero(count <= 0)
+            if count.size > 1 and empty.size:
+                raise MissingStatisticsError(f"leaf '{leaf.path}': task {k} has no input rows for stacked layer "
+                                             f"{int(empty[0])} (RegMean needs the layer inputs of every task and "
+                                             "layer)")
 
 
 @jax.jit
-def _mean_leaf(base: jax.Array, weights: Sequence[jax.Array]) -> jax.Array:
-    dt = _compute_dtype(base)
-    return (sum(w.astype(dt) for w in weights) / len(weights)).astype(base.dtype)
+def _grams_from_rows(rows: jax.Array) -> jax.Array:
+    """``(K, layers, n, in) -> (K, layers, in, in)``: ``XᵀX`` per task and layer (zero padding rows add nothing)."""
+    return jnp.einsum("klna,klnb->klab", rows, rows, precision=_HIGHEST)
 
 
-def _check_determined(path: str, grams: np.ndarray, per_task: Sequence[LeafStats]) -> None:
-    """With α = 1, ``Σ_k X_kᵀX_k`` has rank ≤ Σ_k n_k: fewer rows than excited inputs is surely singular."""
-    rows = sum(float(np.asarray(s.count)) for s in per_task)
-    live = int(np.sum(np.diagonal(grams.sum(0)) > 0))
-    if rows < live:
-        raise HyperparameterError(f"leaf '{path}': RegMean with alpha=1 solves Σ_k X_kᵀX_k W = ..., which is singular "
-                                  f"with {rows:g} exemplar rows for {live} excited inputs; use alpha < 1 (0.9 by "
-                                  "default) or more exemplars")
+def layer_grams(leaf: LeafInput, normalize: bool) -> jax.Array:
+    """``(K, layers, in, in)`` input Grams of one LINEAR leaf, per task and per layer, in the leaf's compute dtype.
+
+    The statistics are read by :func:`catmerge_jax.cat.linear_inputs` (the same reading as CAT: stacked leaves
+    with per-layer statistics, fused ``out_blocks`` projections sharing their input, rows or Gram form), so
+    presence and widths are checked with the same errors naming the leaf.
+    """
+    _check_counts(leaf)
+    form, data = linear_inputs(leaf, normalize)
+    return data if form == "gram" else _grams_from_rows(data)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _regmean_leaf(base: jax.Array, task_vectors: jax.Array, grams: jax.Array, alpha: float | jax.Array, *,
+                  spec: LeafSpec) -> jax.Array:
+    """``W0 + RegMean(T_1..T_K)`` for one LINEAR leaf, every layer of a stack (and output block) on its own.
+
+    RegMean commutes with adding ``W0`` to every model (``(Σ G̃)⁻¹ Σ G̃_k (W0 + T_k) = W0 + (Σ G̃)⁻¹ Σ G̃_k T_k``,
+    and a dead row's plain mean is ``W0 + mean T``), so the solve runs on the task vectors.
+    """
+    dt = task_vectors.dtype
+    mats = spec.matrices(task_vectors, lead=1)                         # (K, layers, in, out_per_block)
+    solved = jax.vmap(regmean_linear, in_axes=(1, 1, None))(mats, grams.astype(dt), alpha)
+    return (base.astype(dt) + spec.from_matrices(solved, base.shape)).astype(base.dtype)
+
+
+@jax.jit
+def _mean_leaf(base: jax.Array, task_vectors: jax.Array) -> jax.Array:
+    dt = task_vectors.dtype
+    return (base.astype(dt) + task_vectors.mean(0)).astype(base.dtype)
+
+
+def _check_determined(path: str, grams: jax.Array, per_task: Sequence[LeafStats]) -> None:
+    """With α = 1, ``Σ_k X_kᵀX_k`` has rank ≤ Σ_k n_k: fewer rows than excited inputs is surely singular.
+
+    A host check per layer of ``grams`` ``(K, layers, in, in)``: the caller runs it only on concrete Grams and counts.
+    """
+    layers = grams.shape[1]
+    blocks = layers // max(int(np.prod(np.shape(per_task[0].count), dtype=np.int64)), 1)
+    rows = sum(np.repeat(np.asarray(s.count, np.float64).reshape(-1), blocks) for s in per_task)
+    live = np.sum(np.diagonal(np.asarray(grams).sum(0), axis1=-2, axis2=-1) > 0, axis=-1)
+    short = np.flatnonzero(rows < live)
+    if short.size:
+        where = f" (layer {int(short[0])})" if layers > 1 else ""
+        raise HyperparameterError(f"leaf '{path}'{where}: RegMean with alpha=1 solves Σ_k X_kᵀX_k W = ..., which is "
+                                  f"singular with {rows[short[0]]:g} exemplar rows for {int(live[short[0]])} excited "
+                                  "inputs; use alpha < 1 (0.9 by default) or more exemplars")
 
 
 def regmean_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree], *, alpha: float = 0.9,
@@ -140,55 +217,53 @@ def regmean_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequen
     """RegMean over a params tree: LINEAR leaves by :func:`regmean_linear`, every other leaf averaged.
 
     Args:
-      pretrained: W0 (fixes structure, roles and output dtypes; RegMean itself merges whole weights).
-      finetuned: K fine-tuned trees.
-      stats: K statistics trees (:mod:`catmerge_jax.stats`); every LINEAR leaf needs linear statistics (rows or
-        Gram) in every task.
-      alpha: off-diagonal shrinkage α ∈ [0, 1] (0.9 by default).
+      pretrained: W0 (fixes structure, roles and output dtypes; RegMean itself merges whole weights): a params
+        pytree, an ``nnx.Module`` or an ``equinox.Module`` (roles then come from the module types, e.g. an
+        equinox ``Linear`` weight is read as ``(out, in)``).
+      finetuned: K fine-tuned trees of the same kind.
+      stats: K statistics trees (:mod:`catmerge_jax.stats`) mirroring the params tree (for modules:
+        ``nnx.state(m, nnx.Param)`` / ``eqx.filter(m, eqx.is_inexact_array)``); every LINEAR leaf needs linear
+        statistics (rows or Gram) in every task. A leaf whose statistics have per-layer counts (``count (L,)``,
+        ``gram (L, in, in)`` or ``rows (L, n, in)``: stacked layers captured from a scanned model) is solved
+        layer by layer.
+      alpha: off-diagonal shrinkage α ∈ [0, 1] (0.9 by default); may be traced (``jit``/``vmap``/``grad``).
       normalize: divide each task's Gram by its row count (default, as the reference code); False: raw sums.
-      roles: overrides for :func:`catmerge_jax.roles.classify`.
+        Static.
+      roles: overrides for :func:`catmerge_jax.roles.classify` (before the module types' roles).
       progress: tqdm bar over leaves.
     Returns:
-      The merged params, same structure and dtypes as ``pretrained``.
+      The merged params, same structure and dtypes as ``pretrained`` (a module for a module).
     Raises:
       MissingStatisticsError: a LINEAR leaf has no linear statistics for some task (names the leaf and task).
     """
     if stats is None:
         raise MissingStatisticsError("RegMean needs exemplar statistics: stats=[s_1, ..., s_K] with input Grams of "
                                      "every linear layer")
-    validate_inputs(pretrained, finetuned, stats)
-    alpha_value = float(alpha)
-    if not 0.0 <= alpha_value <= 1.0:
+    check_scalar("RegMean alpha (off-diagonal scale)", alpha)
+    alpha_value = None if not is_concrete(alpha) else float(np.asarray(alpha))   # None: traced
+    if alpha_value is not None and not 0.0 <= alpha_value <= 1.0:
         raise HyperparameterError(f"RegMean alpha (off-diagonal scale) must be in [0, 1], got {alpha}")
-    specs = [s for _, s in leaves_with_paths(classify(pretrained, roles), is_leaf=is_spec)]
-    paths_leaves = leaves_with_paths(pretrained)
-    stat_columns = list(zip(*[[s for _, s in leaves_with_paths(t, is_leaf=is_leaf_stats)] for t in stats]))
-    columns = list(zip(*[jax.tree.leaves(t) for t in finetuned]))
-    treedef = jax.tree.structure(pretrained)
+    inputs = _leaf_inputs(pretrained, finetuned, stats, roles)
 
-    indices = range(len(paths_leaves))
+    pairs = zip(inputs.leaves, inputs.bases)
     if progress:
         from tqdm.auto import tqdm
 
-        indices = tqdm(indices, desc="RegMean", unit="leaf")
+        pairs = tqdm(pairs, desc="RegMean", unit="leaf", total=len(inputs.bases))
     merged = []
-    for j in indices:
-        path, base = paths_leaves[j]
-        base = jnp.asarray(base)
-        if specs[j].role is not Role.LINEAR:
-            merged.append(_mean_leaf(base, columns[j]))
+    for leaf, base in pairs:
+        if leaf.spec.role is not Role.LINEAR:
+            merged.append(_mean_leaf(base, leaf.task_vectors))
             continue
-        shape = tuple(base.shape)
-        grams = _linear_grams(path, specs[j], shape, stat_columns[j], normalize)
-        if alpha_value == 1.0:
-            _check_determined(path, grams, stat_columns[j])
-        out = _regmean_leaf(base, columns[j], jnp.asarray(grams, _compute_dtype(base)), alpha_value,
-                            matrix_shape=specs[j].matrix_shape(shape))
-        if not bool(jnp.all(jnp.isfinite(out))):
-            raise NonFiniteError(f"leaf '{path}': RegMean's linear system is singular (Σ_k G̃_k has no inverse: "
+        grams = layer_grams(leaf, normalize)
+        if alpha_value == 1.0 and is_concrete((grams, [s.count for s in leaf.stats])):
+            _check_determined(leaf.path, grams, leaf.stats)
+        out = _regmean_leaf(base, leaf.task_vectors, grams, alpha, spec=leaf.spec)
+        if is_concrete(out) and not bool(jnp.all(jnp.isfinite(out))):
+            raise NonFiniteError(f"leaf '{leaf.path}': RegMean's linear system is singular (Σ_k G̃_k has no inverse: "
                                  f"too few exemplar rows for alpha={alpha_value}); use alpha < 1")
         merged.append(out)
-    return jax.tree.unflatten(treedef, merged)
+    return inputs.rebuild(jax.tree.unflatten(inputs.treedef, merged))
 
 
 def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **hparams):

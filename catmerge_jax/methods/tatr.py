@@ -27,6 +27,14 @@ construction.) With K = 1 there is nothing to conflict with and TATR is task ari
 >>> fts = [{"w": jnp.array([1.0, 0.0, 2.0, 0.0])}, {"w": jnp.array([0.0, 1.0, 2.0, 0.0])}]
 >>> tatr_merge(w0, fts, alpha=1.0, quantile=0.75)["w"].tolist()   # zero-shot: index 2 conflicts most
 [1.0, 1.0, 0.0, 0.0]
+
+Under ``jax.jit``/``vmap``/``grad``: params, ``grads`` and ``alpha`` may be traced; ``quantile`` fixes which order
+statistic is the threshold (an array position) and stays a static Python number. The mask is piecewise constant,
+so ``d/dα`` is ``Σ_k M ∘ τ_k``. NaN/Inf checks on weights and gradients run only on concrete inputs.
+
+>>> import jax
+>>> jax.grad(lambda a: tatr_merge(w0, fts, alpha=a, quantile=0.75)["w"].sum())(0.5).tolist()
+2.0
 """
 
 from __future__ import annotations
@@ -38,10 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.cat import validate_inputs
+from catmerge_jax.cat import check_scalar
 from catmerge_jax.errors import HyperparameterError, MissingStatisticsError
 from catmerge_jax.methods.fisher import per_example_gradient_mean
-from catmerge_jax.methods.pcb import flatten_tasks, order_statistics
+from catmerge_jax.methods.pcb import flatten_tasks, merge_inputs, order_statistics, per_task_trees, static_number
 from catmerge_jax.methods.registry import MergeMethod, register
 from catmerge_jax.tree import PyTree, check_finite, check_same_structure
 
@@ -87,20 +95,31 @@ def trust_region_threshold(scores: Sequence[jax.Array], quantile: float) -> jax.
 
 def trust_region_masks(pretrained: PyTree, finetuned: Sequence[PyTree], grads: Sequence[PyTree] | None = None, *,
                        quantile: float = 0.99) -> PyTree:
-    """The boolean trust-region mask ``M`` (a tree like the params), zero-shot when ``grads`` is None."""
-    validate_inputs(pretrained, finetuned)
-    q = float(quantile)
+    """The boolean trust-region mask ``M``, zero-shot when ``grads`` is None.
+
+    Inputs as :func:`tatr_merge`. The mask is a plain tree like the params tree (for a module:
+    ``nnx.state(m, nnx.Param)`` / ``eqx.filter(m, eqx.is_inexact_array)``), as ``cm.cat_trim``'s outputs are.
+    """
+    view, fts = merge_inputs(pretrained, finetuned)
+    return _masks(view.params, fts, _gradient_trees(view.params, grads, len(fts)), quantile)
+
+
+def _gradient_trees(params: PyTree, grads: Any, num_tasks: int) -> list[PyTree] | None:
+    if grads is None:
+        return None
+    grads = per_task_trees(grads, "grads (TATR gradient mode)", num_tasks, "gradient tree")
+    for k, g in enumerate(grads):
+        check_same_structure(params, g, what=f"grads[{k}]", check_dtype=False)
+        check_finite(g, what=f"grads[{k}]")
+    return grads
+
+
+def _masks(params: PyTree, finetuned: list[PyTree], grads: list[PyTree] | None, quantile: float) -> PyTree:
+    q = static_number("TATR quantile", quantile, "how many parameters are inside the trust region")
     if not 0.0 <= q <= 1.0:
         raise HyperparameterError(f"TATR quantile (fraction of parameters in the trust region) must be in [0, 1], "
                                   f"got {quantile}")
-    if grads is not None:
-        if len(grads) != len(finetuned):
-            raise MissingStatisticsError(f"TATR gradient mode needs one gradient tree per task: got {len(grads)} for "
-                                         f"{len(finetuned)} fine-tuned model(s)")
-        for k, g in enumerate(grads):
-            check_same_structure(pretrained, g, what=f"grads[{k}]", check_dtype=False)
-            check_finite(g, what=f"grads[{k}]")
-    base_leaves, treedef = jax.tree.flatten(pretrained)
+    base_leaves, treedef = jax.tree.flatten(params)
     columns = list(zip(*[jax.tree.leaves(t) for t in finetuned]))
     grad_columns = None if grads is None else list(zip(*[jax.tree.leaves(g) for g in grads]))
     scores = [_leaf_scores(base, columns[j], None if grad_columns is None else grad_columns[j])
@@ -119,11 +138,11 @@ def _leaf_scores(base: jax.Array, weights: Sequence[jax.Array], grads: Sequence[
 
 @jax.jit
 def _masked_task_arithmetic(base: jax.Array, weights: Sequence[jax.Array], mask: jax.Array,
-                            alpha: float) -> jax.Array:
+                            alpha: float | jax.Array) -> jax.Array:
     dt = _compute_dtype(base)
     w0 = base.astype(dt)
     total = sum(w.astype(dt) - w0 for w in weights)
-    return (w0 + alpha * jnp.where(mask, total, 0)).astype(base.dtype)
+    return (w0 + jnp.asarray(alpha).astype(dt) * jnp.where(mask, total, 0)).astype(base.dtype)
 
 
 def tatr_merge(pretrained: PyTree, finetuned: Sequence[PyTree], grads: Sequence[PyTree] | None = None, *,
@@ -131,26 +150,30 @@ def tatr_merge(pretrained: PyTree, finetuned: Sequence[PyTree], grads: Sequence[
     """``W0 + α Σ_k M ∘ τ_k`` with the trust-region mask M.
 
     Args:
-      pretrained: W0.
-      finetuned: K trees.
+      pretrained: W0: a params pytree, an ``nnx.Module`` or an ``equinox.Module``.
+      finetuned: K trees of the same kind.
       grads: K gradient trees (gradient mode; their absolute values are used) or None (zero-shot mode: |τ_i|).
-      alpha: task-arithmetic scale α.
-      quantile: fraction q ∈ [0, 1] of parameters inside the trust region (0.99).
+        For module inputs: modules holding the gradients, or their params trees (``nnx.state(m, nnx.Param)``,
+        ``eqx.filter(m, eqx.is_inexact_array)``).
+      alpha: task-arithmetic scale α; may be traced (``jit``/``vmap``/``grad``).
+      quantile: fraction q ∈ [0, 1] of parameters inside the trust region (0.99); a static Python number.
       progress: tqdm bar over leaves while merging.
     Returns:
-      The merged params, same structure and dtypes as ``pretrained``.
+      The merged params, same structure and dtypes as ``pretrained`` (a module for a module).
     """
-    masks = jax.tree.leaves(trust_region_masks(pretrained, finetuned, grads, quantile=quantile))
-    base_leaves, treedef = jax.tree.flatten(pretrained)
-    columns = list(zip(*[jax.tree.leaves(t) for t in finetuned]))
+    check_scalar("alpha", alpha)
+    view, fts = merge_inputs(pretrained, finetuned)
+    masks = jax.tree.leaves(_masks(view.params, fts, _gradient_trees(view.params, grads, len(fts)), quantile))
+    base_leaves, treedef = jax.tree.flatten(view.params)
+    columns = list(zip(*[jax.tree.leaves(t) for t in fts]))
     indices = range(len(base_leaves))
     if progress:
         from tqdm.auto import tqdm
 
         indices = tqdm(indices, desc="TATR merge", unit="leaf")
-    merged = [_masked_task_arithmetic(jnp.asarray(base_leaves[j]), columns[j], masks[j], float(alpha))
+    merged = [_masked_task_arithmetic(jnp.asarray(base_leaves[j]), columns[j], masks[j], alpha)
               for j in indices]
-    return jax.tree.unflatten(treedef, merged)
+    return view.rebuild(jax.tree.unflatten(treedef, merged))
 
 
 def _merge_gradient(pretrained, finetuned, *, stats=None, roles=None, progress=False, grads=None, **hparams):

@@ -182,25 +182,48 @@ def select_on_validation(evaluator: Evaluator, candidates: Iterable[tuple[dict, 
     return best, best_acc, rows
 
 
+# Methods whose ``alpha`` multiplies the merged task vector by construction (tested in their own test files):
+# their alpha grid is read off one merge, without the second probing merge of :func:`scaled_merge`.
+SCALE_BY_CONSTRUCTION = frozenset({"cat", "tsv", "iso_c", "iso_cts", "wudi", "lot"})
+
+# Each method's own knob, searched on validation jointly with alpha (the same alpha grid for every method).
+DEFAULT_KNOBS: dict[str, tuple[dict, ...]] = {
+    "iso_cts": ({"common_fraction": 0.8}, {"common_fraction": 0.5}),
+}
+
+
+def cat_knob_points(lams: Sequence[float], cs: Sequence[int], lam0: float = 5.0, c0: int = 3) -> tuple[dict, ...]:
+    """CAT's (λ, c) points: the λ line at ``c0`` and the c line at ``lam0`` (the paper's Fig. 4 sweeps)."""
+    points = [{"lam": float(lam), "c": int(c0)} for lam in lams]
+    points += [{"lam": float(lam0), "c": int(c)} for c in cs if int(c) != int(c0) or float(lam0) not in lams]
+    return tuple(points)
+
+
 def tune_method(name: str, pretrained: PyTree, finetuned: Sequence[PyTree], score: Callable[[PyTree, str], dict],
                 *, alphas: Sequence[float], ties_k: Sequence[float] = (0.2,), stats: Sequence[PyTree] | None = None,
                 extras: Mapping[str, Any] | None = None, select_split: str | None = "val",
-                report_split: str = "test") -> tuple[dict, PyTree | None]:
+                report_split: str = "test", knob_points: Sequence[Mapping[str, Any]] | None = None,
+                method: str | None = None) -> tuple[dict, PyTree | None]:
     """Merge with registered method ``name``, choose its hyperparameters on ``select_split``, score ``report_split``.
 
-    alpha is searched over ``alphas`` when it scales the merged task vector (see :func:`scaled_merge`; CAT's is
-    by construction, so it is not re-checked), and TIES's ``k`` over ``ties_k``; every other hyperparameter keeps
-    the method's default. ``score(params, split) -> {task: metric}``. With ``select_split=None`` the defaults are
-    used as they are. Methods whose extra inputs are missing from ``extras`` are skipped.
+    alpha is searched over ``alphas`` when it scales the merged task vector (see :func:`scaled_merge`; methods in
+    :data:`SCALE_BY_CONSTRUCTION` are not re-checked), jointly with each point of ``knob_points`` (the method's own
+    knobs; default: TIES's ``k`` over ``ties_k``, :data:`DEFAULT_KNOBS` for the others); every other hyperparameter
+    keeps the method's default. ``method`` names the registered method when ``name`` is a row label (e.g.
+    ``"cat (λ, c on val)"`` runs ``cat`` over its λ/c points). ``score(params, split) -> {task: metric}``. With
+    ``select_split=None`` the defaults are used as they are. Methods whose extra inputs are missing from ``extras``
+    are skipped.
 
     Returns ``(row, delta)``: ``row`` has ``hparams``, ``val``, ``test`` (per-task metrics), ``alpha_is_scale``,
-    ``merge_seconds`` (or ``skipped``); ``delta`` is ``Σ`` of the (edited) task vectors when alpha is a scale.
+    ``merge_seconds`` (mean wall time of one merge call, compilation included in the first), ``merges`` (or
+    ``skipped``); ``delta`` is ``Σ`` of the (edited) task vectors when alpha is a scale.
     """
     import time
 
     from catmerge_jax.methods.registry import get_method
 
-    m = get_method(name)
+    registered = method or name
+    m = get_method(registered)
     extras = dict(extras or {})
     missing = [e for e in m.extras if e not in extras]
     if missing:
@@ -210,31 +233,42 @@ def tune_method(name: str, pretrained: PyTree, finetuned: Sequence[PyTree], scor
         kwargs["stats"] = stats
     from catmerge_jax.errors import CatMergeError
 
-    grid_k = tuple(ties_k) if name == "ties" and "k" in m.defaults and select_split else (None,)
-    start = time.perf_counter()
+    if knob_points is None:
+        if registered == "ties" and "k" in m.defaults:
+            knob_points = tuple({"k": k} for k in ties_k)
+        else:
+            knob_points = DEFAULT_KNOBS.get(registered, ({},))
+    if not select_split:
+        knob_points = ({},)
+    check = registered not in SCALE_BY_CONSTRUCTION
+    seconds, n_merges = 0.0, 0
     candidates, merges = [], {}
-    for k in grid_k:
-        extra = {} if k is None else {"k": k}
+    for extra in knob_points:
+        extra = dict(extra)
         merge = lambda w, _e=extra, **kw: m.merge(w, finetuned, **kwargs, **_e, **kw)  # noqa: E731
+        start = time.perf_counter()
         try:
             sm = scaled_merge(merge, pretrained, has_alpha="alpha" in m.defaults,
-                              alpha0=float(m.defaults.get("alpha", 1.0)), check=name != "cat")
+                              alpha0=float(m.defaults.get("alpha", 1.0)), check=check)
         except CatMergeError as e:  # a method that refuses these inputs is reported, not fatal to the run
             return {"skipped": f"{type(e).__name__}: {e}"}, None
-        merges[k] = sm
+        jax.block_until_ready(sm.delta if sm.alpha_is_scale else sm.fixed)
+        seconds += time.perf_counter() - start
+        n_merges += 2 if (check and "alpha" in m.defaults) else 1
+        key = tuple(sorted(extra.items()))
+        merges[key] = sm
         grid = (alphas if select_split else (m.defaults["alpha"],)) if sm.alpha_is_scale else (None,)
         for a in grid:
             hp = {**extra, **({} if a is None else {"alpha": a})}
             candidates.append((hp, lambda _sm=sm, _a=a: _sm.at(pretrained, _a)))
-    seconds = time.perf_counter() - start
     if select_split:
         best, val, rows = _select(score, candidates, select_split)
     else:
         (best, make), val, rows = candidates[0], {}, []
-    sm = merges[best.get("k")]
+    sm = merges[tuple(sorted((k, v) for k, v in best.items() if k != "alpha"))]
     test = score(sm.at(pretrained, best.get("alpha")), report_split)
     row = {"hparams": best, "val": val, "test": test, "val_grid": rows, "alpha_is_scale": sm.alpha_is_scale,
-           "merge_seconds": seconds, "description": m.description}
+           "merge_seconds": seconds / max(n_merges, 1), "merges": n_merges, "description": m.description}
     return row, (sm.delta if sm.alpha_is_scale else None)
 
 

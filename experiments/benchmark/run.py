@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import catmerge_jax as cm
 from experiments.benchmark import analyses, plots
-from experiments.benchmark.evaluate import Evaluator, load_all_methods, summarize, tune_method
+from experiments.benchmark.evaluate import Evaluator, cat_knob_points, load_all_methods, summarize, tune_method
 from experiments.benchmark.finetune import (Backbone, FinetuneConfig, Tokens, bucket_length, finetune,
                                             head_logits, load_backbone, load_task_checkpoint, make_optimizer,
                                             make_train_step, mean_pool, save_task_checkpoint, tokenize,
@@ -68,7 +69,14 @@ class BenchConfig:
     conflict_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     fisher_examples: int = 16
     methods: tuple[str, ...] | None = None  # None: every registered method
-    seed: int = 0
+    seed: int = 0           # data split and exemplar choice
+    finetune_seed: int = 0  # fine-tuning randomness (batch order, head init); --seeds runs several
+    # "cat_trim+X": CAT's trimmed task vectors (λ, c as above) merged by X, to see whether trimming helps X
+    cat_trim_combos: tuple[str, ...] = ("tsv", "iso_c", "iso_cts")
+    # AdaMerging rows: entropy minimization on the unlabeled validation inputs of every task
+    adamerging: bool = True
+    adamerging_steps: int = 100
+    adamerging_batch: int = 8  # validation sequences per task and step (cycled)
 
 
 QUICK = BenchConfig(
@@ -122,7 +130,8 @@ class Stage:
 def _cache_key(backbone: Backbone, task: TextTask, cfg: BenchConfig) -> str:
     blob = json.dumps({"folder": str(backbone.folder), "task": task.name, "classes": task.classes,
                        "train": list(task.train.texts), "sizes": dataclasses.asdict(cfg.sizes),
-                       "finetune": dataclasses.asdict(cfg.finetune), "seed": cfg.seed}, sort_keys=True)
+                       "finetune": dataclasses.asdict(cfg.finetune), "seed": cfg.seed,
+                       "finetune_seed": cfg.finetune_seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -189,6 +198,46 @@ def per_example_grad_stat(model: Any, params: PyTree, head: PyTree, examples: To
     return jax.tree.map(lambda x: x / n, total)
 
 
+# ----------------------------------------------------------------------------------------------- AdaMerging rows
+
+def adamerging_inputs(model: Any, heads: Mapping[str, PyTree], val: Mapping[str, Tokens], per_task: int):
+    """``(logits_fn, data)`` for :func:`catmerge_jax.adamerging`: every task's UNLABELED validation inputs through
+    the merged backbone and that task's own head (labels are never read). ``data(step)`` cycles through each
+    task's validation set ``per_task`` sequences at a time (fixed shapes: one compilation)."""
+    names = list(val)
+
+    def logits_fn(params, batch):
+        # one forward over every task's rows (one graph to compile), then each task's head on its own rows
+        ids, mask = batch
+        pooled = mean_pool(model.apply({"params": params}, ids, mask).last_hidden_state, mask)
+        return [head_logits(heads[n], pooled[i * per_task:(i + 1) * per_task]) for i, n in enumerate(names)]
+
+    def data(step):
+        idx = [(step * per_task + np.arange(per_task)) % len(val[n].labels) for n in names]
+        return (jnp.asarray(np.concatenate([val[n].ids[i] for n, i in zip(names, idx)])),
+                jnp.asarray(np.concatenate([val[n].mask[i] for n, i in zip(names, idx)])))
+
+    return logits_fn, data
+
+
+def run_adamerging(label: str, w0: PyTree, task_vectors: Sequence[PyTree], inputs, score, cfg: "BenchConfig") -> dict:
+    """One AdaMerging row (layer-wise coefficients, the library's defaults except ``steps``)."""
+    logits_fn, data = inputs
+    hp = {"granularity": "layer", "init": 0.3, "steps": cfg.adamerging_steps, "learning_rate": 1e-3}
+    t0 = time.perf_counter()
+    result = cm.adamerging(w0, task_vectors, logits_fn, data, **hp)
+    params = jax.block_until_ready(result.params)
+    seconds = time.perf_counter() - t0
+    coef = np.concatenate([np.ravel(np.asarray(c)) for c in jax.tree.leaves(result.coefficients)])
+    return {"hparams": hp, "val": score(params, "val"), "test": score(params, "test"), "alpha_is_scale": False,
+            "merge_seconds": seconds, "merges": 1, "entropy_first_last": [float(result.losses[0]),
+                                                                          float(result.losses[-1])],
+            "coefficients_mean_min_max": [float(coef.mean()), float(coef.min()), float(coef.max())],
+            "data": f"unlabeled validation inputs of all {len(cfg.tasks)} tasks, {cfg.adamerging_batch} per task "
+                    f"per step, cycled; labels unused; test never seen",
+            "description": f"{label} (entropy minimization, layer-wise coefficients)"}
+
+
 # ----------------------------------------------------------------------------------------------- the run
 
 def run_benchmark(backbone: Backbone, tasks: Sequence[TextTask], cfg: BenchConfig, *, out_dir: str,
@@ -204,7 +253,8 @@ def run_benchmark(backbone: Backbone, tasks: Sequence[TextTask], cfg: BenchConfi
         load_all_methods()
     n_analysis = (len(cfg.exemplar_sweep) + len(cfg.lam_sweep) + len(cfg.c_sweep) + len(cfg.variants)
                   + len(cfg.layer_groups) + 7 - 3) if analyses_on else 0
-    stage = Stage(total=len(tasks) * cfg.finetune.steps + len(tasks) + len(methods) + n_analysis + 1, quiet=quiet)
+    n_rows = len(methods) + ("cat" in methods) + len(cfg.cat_trim_combos) + 2 * cfg.adamerging
+    stage = Stage(total=len(tasks) * cfg.finetune.steps + len(tasks) + n_rows + n_analysis + 1, quiet=quiet)
     model, w0 = backbone.model, backbone.params
     ml = cfg.finetune.max_len
 
@@ -214,7 +264,7 @@ def run_benchmark(backbone: Backbone, tasks: Sequence[TextTask], cfg: BenchConfi
     # 1. fine-tune each task (or load from the cache).
     stage.begin("finetune")
     finetuned, heads, task_info = [], {}, {}
-    ft_cfg = dataclasses.replace(cfg.finetune, seed=cfg.seed)
+    ft_cfg = dataclasses.replace(cfg.finetune, seed=cfg.finetune_seed)
     max_classes = max(t.num_classes for t in tasks)
     train_step = None  # built on first use, shared by every task (one compilation per sequence bucket)
     for t in tasks:
@@ -293,16 +343,47 @@ def run_benchmark(backbone: Backbone, tasks: Sequence[TextTask], cfg: BenchConfi
     # 4. every method: hyperparameters on validation, then test.
     main: dict[str, dict] = {}
     deltas: dict[str, PyTree] = {}
-    for name in methods:
-        stage.begin(f"merge:{name}")
-        row, delta = tune_method(name, w0, finetuned, lambda p, split: evaluator.accuracy(p, split),
-                                 alphas=cfg.alphas, ties_k=cfg.ties_k, stats=stats, extras=extras)
+    score = lambda p, split: evaluator.accuracy(p, split)  # noqa: E731
+
+    def add_row(label: str, row: dict) -> None:
         if "test" in row:
             row["summary"] = summarize(row["test"], individual["test"])
+        main[label] = row
+        stage.step()
+
+    for name in methods:
+        stage.begin(f"merge:{name}")
+        row, delta = tune_method(name, w0, finetuned, score, alphas=cfg.alphas, ties_k=cfg.ties_k, stats=stats,
+                                 extras=extras)
         if delta is not None:
             deltas[name] = delta
-        main[name] = row
-        stage.step()
+        add_row(name, row)
+
+    if "cat" in methods:
+        # λ and c chosen on validation together with alpha, over the same alpha grid as every other method.
+        stage.begin("merge:cat (λ, c on val)")
+        row, _ = tune_method("cat (λ, c on val)", w0, finetuned, score, alphas=cfg.alphas, stats=stats,
+                             method="cat", knob_points=cat_knob_points(cfg.lam_sweep, cfg.c_sweep, cfg.lam, cfg.c))
+        row["description"] = "CAT with λ, c and alpha chosen on validation (λ line at c, c line at λ)"
+        add_row("cat (λ, c on val)", row)
+    trimmed = None
+    if cfg.cat_trim_combos or cfg.adamerging:
+        stage.begin("cat_trim")
+        t0 = time.perf_counter()
+        trimmed = jax.block_until_ready(cm.cat_trim(w0, finetuned, stats, lam=cfg.lam, c=cfg.c))
+        trim_seconds = time.perf_counter() - t0
+    for name in cfg.cat_trim_combos:
+        stage.begin(f"merge:cat_trim+{name}")
+        trimmed_models = [jax.tree.map(jnp.add, w0, t) for t in trimmed]
+        row, _ = tune_method(name, w0, trimmed_models, score, alphas=cfg.alphas, stats=stats)
+        row["description"] = f"{name} on CAT-trimmed task vectors (λ={cfg.lam:g}, c={cfg.c})"
+        row["cat_trim_seconds"] = trim_seconds
+        add_row(f"cat_trim+{name}", row)
+    if cfg.adamerging:
+        ada = adamerging_inputs(model, heads, {n: tok[n]["val"] for n in names}, cfg.adamerging_batch)
+        for label, tvs in (("AdaMerging", cm.task_vectors(w0, finetuned)), ("CAT + AdaMerging", trimmed)):
+            stage.begin(f"merge:{label}")
+            add_row(label, run_adamerging(label, w0, tvs, ada, score, cfg))
 
     results: dict[str, Any] = {
         "config": dataclasses.asdict(cfg), "backbone": str(backbone.folder), "tasks": task_info,
@@ -316,7 +397,7 @@ def run_benchmark(backbone: Backbone, tasks: Sequence[TextTask], cfg: BenchConfi
     if analyses_on and "cat" in deltas and "task_arithmetic" in deltas:
         results["analyses"] = run_analyses(cfg, evaluator, w0, finetuned, stats, stats_for, deltas, individual,
                                            main["cat"]["hparams"]["alpha"], names, stage)
-        main["cat (λ, c on val)"] = validation_selected_cat(results["analyses"], cfg)
+        results["analyses"]["cat_lambda_c_neighbour_alphas"] = validation_selected_cat(results["analyses"], cfg)
 
     stage.begin("write")
     results["timing"] = {**stage.finish(), "total_seconds": time.perf_counter() - t_start}
@@ -416,23 +497,112 @@ def _pct(x: float) -> str:
 
 def main_table(results: Mapping) -> str:
     names = list(results["tasks"])
-    head = "| method | " + " | ".join(names) + " | avg | norm. | drop std | hparams |"
-    lines = [head, "|" + "---|" * (len(names) + 5)]
+    head = "| method | " + " | ".join(names) + " | avg | norm. | drop std | merge s | hparams |"
+    lines = [head, "|" + "---|" * (len(names) + 6)]
 
-    def row(label, acc, summ, hp=""):
+    def row(label, acc, summ, hp="", seconds=None):
         cells = " | ".join(_pct(acc[n]) for n in names)
+        sec = "" if seconds is None else f"{seconds:.1f}"
         return f"| {label} | {cells} | {_pct(summ['average'])} | {_pct(summ['normalized'])} | " \
-               f"{summ['drop_std']:.1f} | {hp} |"
+               f"{summ['drop_std']:.1f} | {sec} | {hp} |"
 
     lines.append(row("individual", results["individual"]["test"], results["individual_summary"]))
     lines.append(row("pretrained backbone", results["pretrained_test"], results["pretrained_summary"]))
     for m, r in results["main"].items():
         if "skipped" in r:
-            lines.append(f"| {m} | " + " | ".join("–" for _ in names) + f" | – | – | – | skipped: {r['skipped']} |")
+            lines.append(f"| {m} | " + " | ".join("–" for _ in names) + f" | – | – | – | – | skipped: {r['skipped']} |")
             continue
         hp = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in r["hparams"].items())
-        lines.append(row(m, r["test"], r["summary"], hp))
+        lines.append(row(m, r["test"], r["summary"], hp, r.get("merge_seconds")))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- several seeds
+
+def aggregate_seeds(per_seed: Sequence[Mapping], seeds: Sequence[int]) -> dict:
+    """Mean ± sample std (ddof = 1) over fine-tuning seeds of every row's per-task test accuracy, average and
+    normalized accuracy, plus each method's paired difference to CAT (same seed, same checkpoints)."""
+    first = per_seed[0]
+    names = list(first["tasks"])
+
+    def stat(values):
+        v = np.asarray(values, np.float64)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+    def row_of(get):
+        tests = [get(r) for r in per_seed]
+        if any(t is None for t in tests):
+            return None
+        avg = [float(np.mean([t["test"][n] for n in names])) for t in tests]
+        return {"per_task": {n: stat([t["test"][n] for t in tests]) for n in names}, "average": stat(avg),
+                "normalized": stat([t["summary"]["normalized"] for t in tests]),
+                "merge_seconds": stat([t.get("merge_seconds", 0.0) for t in tests]),
+                "hparams": [t.get("hparams", {}) for t in tests]}
+
+    rows = {"individual": row_of(lambda r: {"test": r["individual"]["test"], "summary": r["individual_summary"]}),
+            "pretrained backbone": row_of(lambda r: {"test": r["pretrained_test"], "summary": r["pretrained_summary"]})}
+    for m in first["main"]:
+        rows[m] = row_of(lambda r, m=m: r["main"].get(m) if "test" in r["main"].get(m, {}) else None)
+    if rows.get("cat"):
+        for m, row in rows.items():
+            if row is not None:
+                row["minus_cat"] = stat(np.subtract(row["average"]["values"], rows["cat"]["average"]["values"]))
+    return {"seeds": list(seeds), "tasks": names, "config": first["config"], "rows": rows,
+            "individual_test_per_seed": [r["individual"]["test"] for r in per_seed],
+            "stage_seconds_per_seed": [r["timing"] for r in per_seed]}
+
+
+def seeds_table(agg: Mapping) -> str:
+    names = agg["tasks"]
+    lines = ["| method | " + " | ".join(names) + " | avg | norm. | Δ avg vs cat (paired) | merge s |",
+             "|" + "---|" * (len(names) + 5)]
+    for m, r in agg["rows"].items():
+        if r is None:
+            lines.append(f"| {m} | " + " | ".join("–" for _ in names) + " | – | – | – | – |")
+            continue
+        cells = " | ".join(f"{100 * r['per_task'][n]['mean']:.1f} ± {100 * r['per_task'][n]['std']:.1f}" for n in names)
+        delta = r.get("minus_cat")
+        d = "" if delta is None or m == "cat" else f"{100 * delta['mean']:+.1f} ± {100 * delta['std']:.1f}"
+        sec = "" if m in ("individual", "pretrained backbone") else f"{r['merge_seconds']['mean']:.1f}"
+        lines.append(f"| {m} | {cells} | **{100 * r['average']['mean']:.1f} ± {100 * r['average']['std']:.1f}** | "
+                     f"{100 * r['normalized']['mean']:.1f} ± {100 * r['normalized']['std']:.1f} | {d} | {sec} |")
+    return "\n".join(lines)
+
+
+def write_seed_results(agg: Mapping, out_dir: str, command: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    write_json_atomic(os.path.join(out_dir, "results_seeds.json"), {**agg, "command": command})
+    cfg = agg["config"]
+    hp_lines = []
+    for m, r in agg["rows"].items():
+        if r is not None and m not in ("individual", "pretrained backbone"):
+            hp_lines.append(f"- {m}: " + "; ".join(
+                f"seed {s}: " + ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                          for k, v in hp.items()) for s, hp in zip(agg["seeds"], r["hparams"])))
+    md = ["# Offline merging benchmark over fine-tuning seeds: all-MiniLM-L6-v2, six real text tasks", "",
+          f"Command: `{command}`", "",
+          f"Fine-tuning seeds {', '.join(map(str, agg['seeds']))} (data split and exemplars fixed, data seed "
+          f"{cfg['seed']}); {len(agg['tasks'])} tasks; test accuracy (%) as mean ± sample std (ddof = 1) over the "
+          f"seeds. Every method's alpha is chosen on validation from the same grid "
+          f"{tuple(cfg['alphas'])}, jointly with its own knob where it has one (TIES k ∈ {tuple(cfg['ties_k'])}; "
+          f"Iso-CTS common_fraction ∈ (0.8, 0.5); CAT (λ, c on val): λ ∈ {tuple(cfg['lam_sweep'])} at c = "
+          f"{cfg['c']} and c ∈ {tuple(cfg['c_sweep'])} at λ = {cfg['lam']:g}). CAT, RegMean, LOT and the "
+          f"cat_trim rows use {cfg['exemplars']} unlabeled training exemplars per task; Fisher and TATR "
+          f"{cfg['fisher_examples']} labelled ones. \"Δ avg vs cat (paired)\" is the per-seed difference of the "
+          "average to CAT's (same checkpoints), mean ± std. \"merge s\" is the mean wall time of one merge call "
+          "(the first call of a method includes XLA compilation; AdaMerging: its whole optimization) on the shared "
+          "2-core machine.", "",
+          f"Total wall time {agg['wall_seconds'] / 60:.1f} min.", "",
+          "## Main table (test accuracy, %)", "", seeds_table(agg), "",
+          "## What the AdaMerging rows saw", "",
+          f"Both rows learn layer-wise coefficients (init 0.3, clipped to [0, 1], Adam lr 1e-3, "
+          f"{cfg['adamerging_steps']} steps) by minimizing the summed prediction entropy of every task's head on "
+          f"the UNLABELED validation inputs of all {len(agg['tasks'])} tasks ({cfg['adamerging_batch']} sequences "
+          "per task per step, cycled through the validation split; labels never read; test inputs never seen). "
+          f"\"AdaMerging\" starts from the plain task vectors, \"CAT + AdaMerging\" from CAT's trimmed ones "
+          f"(λ = {cfg['lam']:g}, c = {cfg['c']}). No alpha grid: the coefficients are the learned scale.", "",
+          "## Chosen hyperparameters per seed", ""] + hp_lines + [""]
+    _write_text_atomic(os.path.join(out_dir, "RESULTS_SEEDS.md"), "\n".join(md) + "\n")
 
 
 def _sweep_table(rows: Sequence[Mapping], label: str, key) -> str:
@@ -544,9 +714,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--c-sweep", nargs="*", type=int, default=None)
     parser.add_argument("--light-analyses", action="store_true",
                         help="sweeps reduced to the default point (for a quick look at variants/ablations)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=None,
+                        help="fine-tuning seeds: one run each (checkpoints cached per seed), then mean ± std over them "
+                             "in RESULTS_SEEDS.md / results_seeds.json; per-seed outputs go to OUT/seeds/seed<N>/")
+    parser.add_argument("--main-only", action="store_true",
+                        help="main table only: skip the one-seed analyses of CAT (sweeps, ablations, plots)")
+    parser.add_argument("--no-adamerging", action="store_true", help="skip the two AdaMerging rows")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else BenchConfig()
+    if args.no_adamerging:
+        cfg = dataclasses.replace(cfg, adamerging=False)
     if args.tasks:
         cfg = dataclasses.replace(cfg, tasks=tuple(args.tasks))
     if args.methods:
@@ -562,8 +740,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   conflict_grid=(0.0, 1.0), curve_alphas=(0.3, 1.0))
     tasks = load_tasks(cfg.tasks, sizes=cfg.sizes, seed=cfg.seed)
     backbone = load_backbone()
+    analyses_on = not (args.no_analyses or args.main_only)
+    if args.seeds:
+        start = time.perf_counter()
+        per_seed = []
+        for seed in args.seeds:
+            per_seed.append(run_benchmark(backbone, tasks, dataclasses.replace(cfg, finetune_seed=seed),
+                                          out_dir=os.path.join(args.out, "seeds", f"seed{seed}"),
+                                          cache_dir=args.cache, quiet=args.quiet, analyses_on=analyses_on))
+        agg = aggregate_seeds(per_seed, args.seeds)
+        agg["wall_seconds"] = time.perf_counter() - start
+        command = "python -m experiments.benchmark.run " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_seed_results(agg, args.out, command)
+        if not args.quiet:
+            print(seeds_table(agg))
+            print(f"wall time {agg['wall_seconds'] / 60:.1f} min; results in {args.out}/RESULTS_SEEDS.md")
+        return 0
     results = run_benchmark(backbone, tasks, cfg, out_dir=args.out, cache_dir=args.cache, quiet=args.quiet,
-                            analyses_on=not args.no_analyses)
+                            analyses_on=analyses_on)
     if not args.quiet:
         print(main_table(results))
         print(f"wall time {results['timing']['total_seconds'] / 60:.1f} min; results in {args.out}")

@@ -1,0 +1,56 @@
+"""The benchmarks behind the README's performance figures write what they print to
+``bench_<mode>.log`` and the numbers to ``bench_<mode>.json`` (tiny shapes here; the real runs are long)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from experiments import bench_merge, bench_streaming
+
+
+def _read(folder, mode):
+    with open(os.path.join(folder, f"bench_{mode}.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    with open(os.path.join(folder, f"bench_{mode}.log"), encoding="utf-8") as f:
+        log = f.read()
+    assert sorted(os.listdir(folder)) == sorted(f"bench_{mode}.{e}" for e in ("json", "log"))  # no temp files left
+    return data, log
+
+
+def test_bench_merge_writes_its_table(tmp_path, capsys):
+    folder = str(tmp_path / "r")
+    argv = ["--quick", "--skip-torch", "--check-eigh", "--tasks", "2", "--results", folder]
+    assert bench_merge.main(argv) == 0
+    printed = capsys.readouterr().out
+    data, log = _read(folder, "quick_jax")
+    assert data["command"] == "python experiments/bench_merge.py " + " ".join(argv)
+    assert data["machine"]["cpus"] == os.cpu_count() and data["shape"]["blocks"] == 2
+    # the log is exactly what was printed (bar the final "wrote" lines), and the JSON holds the table's numbers
+    assert log.splitlines()[0] == "$ " + data["command"]
+    assert [line for line in printed.splitlines() if not line.startswith("wrote ")] == log.splitlines()[1:]
+    stages = [row["stage"] for row in data["table"]]
+    assert stages[:2] == ["capture (features → stats)", "bases + masks"]
+    for row in data["table"]:
+        assert f"| {row['stage']} | {row['jax_s']:.2f} | – | – |" in log
+    # 2 blocks × 6 linear layers × 2 tasks
+    assert data["jax"]["solves"] == 24 and data["status"] == 0
+    assert data["agreement_vs_eigh"]["max_relative_error_per_leaf"] < 1e-4
+
+
+def test_bench_solvers_and_streaming_write_their_files(tmp_path, capsys):
+    folder = str(tmp_path / "s")
+    assert bench_merge.main(["--solvers", "--quick", "--results", folder]) == 0
+    data, log = _read(folder, "solvers_quick")
+    assert [row["out"] for row in data["solvers"]] == [256, 512]
+    for row in data["solvers"]:
+        assert f"| {row['out']} | {row['eigh_s']:.3f} | {row['iterative_s']:.3f} |" in log
+    folder = str(tmp_path / "t")
+    argv = ["--workdir", str(tmp_path / "w"), "--blocks", "1", "--width", "64", "--mlp", "128", "--tasks", "2",
+            "--results", folder]
+    assert bench_streaming.main(argv) == 0
+    data, log = _read(folder, "streaming_1x64")
+    assert data["result"]["params_per_model"] == sum(
+        int(__import__("numpy").prod(s)) for s in bench_merge.block_shapes(64, 128).values())
+    assert f"| params_per_model | {data['result']['params_per_model']} |" in log
+    assert not os.path.exists(tmp_path / "w")                                  # checkpoints removed
