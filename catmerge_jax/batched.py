@@ -47,7 +47,7 @@ from catmerge_jax.linalg import (block_krylov_top, choose_solver, eigh_flops, ei
                                  krylov_flops, map_batch, MIN_ITERATIVE_N)
 from catmerge_jax.roles import Overrides, Role, classify, is_spec
 from catmerge_jax.stats import is_leaf_stats
-from catmerge_jax.tree import PyTree, is_concrete, leaves_with_paths
+from catmerge_jax.tree import PyTree, compute_dtype, is_concrete, leaves_with_paths
 
 __all__ = ["LinearPlan", "plan_linear", "linear_group_bases", "linear_group_apply", "cat_merge_batched"]
 
@@ -304,8 +304,7 @@ def _group_update(tvs: jax.Array, bases: jax.Array, *, joint: bool, rescale_norm
 @jax.jit
 def _combine(base: jax.Array, update: jax.Array, alpha: jax.Array) -> jax.Array:
     """``W0 + α Σ_i T̃_i`` in the wider of the leaf dtype and float32, cast back."""
-    compute = jnp.promote_types(base.dtype, jnp.float32) if jnp.issubdtype(base.dtype, jnp.floating) \
-        else jnp.float32
+    compute = compute_dtype(base.dtype) if jnp.issubdtype(base.dtype, jnp.floating) else jnp.dtype(jnp.float32)
     return (base.astype(compute) + alpha.astype(compute) * update.astype(compute)).astype(base.dtype)
 
 

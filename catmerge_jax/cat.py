@@ -48,7 +48,8 @@ from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, Tre
 from catmerge_jax.linalg import top_eigenvectors
 from catmerge_jax.roles import LeafSpec, Overrides, Role, check_spec, classify, is_spec, with_stacking
 from catmerge_jax.stats import LeafStats, check_stats, is_leaf_stats
-from catmerge_jax.tree import PyTree, check_finite, check_same_structure, is_concrete, is_tracer, leaves_with_paths
+from catmerge_jax.tree import (PyTree, check_finite, check_same_structure, compute_dtype, is_concrete, is_tracer,
+                               leaves_with_paths)
 
 # --------------------------------------------------------------------------------------------------------------
 # Per-layer operators. Pure functions of stacked (K, ...) arrays; jitted with the basis/mask size static.
@@ -249,7 +250,7 @@ def _conflict_matrices_from_rows(task_vectors: jax.Array, rows: jax.Array, lam: 
 
 def _promote(x: jax.Array) -> jax.Array:
     """At least float32 (bf16/f16 task vectors are scored in float32; float64 stays float64)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x.astype(compute_dtype(x.dtype))
 
 
 def _top_c_mask(scores: jax.Array, c: int) -> jax.Array:
@@ -822,7 +823,7 @@ class TreeInputs(NamedTuple):
 
 
 def _compute_dtype(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+    return compute_dtype(dtype)
 
 
 def tree_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTree] | None = None, *,

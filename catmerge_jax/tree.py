@@ -177,6 +177,16 @@ def check_same_structure(reference: PyTree, other: PyTree, *, what: str = "tree"
                                     f"{jnp.result_type(x)}")
 
 
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype merges compute in: float leaves of at least 32 bits keep theirs, narrower floats (bf16, f16) use
+    float32, non-floats are unchanged. (Not ``jnp.promote_types``: under strict dtype promotion it refuses
+    float64 with float32.)"""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+    return dtype
+
+
 def is_tracer(x: Any) -> bool:
     """True for a JAX tracer (a value inside ``jit``/``vmap``/``grad`` that the host cannot read)."""
     return isinstance(x, jax.core.Tracer)

@@ -272,7 +272,7 @@ def run_mode(args) -> str:
     """The name of a run's result files: ``solvers``, ``quick``, ``b32``, ``l14_blocks1``, … (+ ``_jax``)."""
     if args.solvers:
         return "solvers_quick" if args.quick else "solvers"
-    mode = "quick" if args.quick else args.model + (f"_blocks{args.blocks}" if args.blocks else "")
+    mode = ("quick" if args.quick else args.model) + (f"_blocks{args.blocks}" if args.blocks else "")
     return mode + ("_jax" if args.skip_torch else "")
 
 

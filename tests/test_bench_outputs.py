@@ -20,12 +20,12 @@ def _read(folder, mode):
 
 def test_bench_merge_writes_its_table(tmp_path, capsys):
     folder = str(tmp_path / "r")
-    argv = ["--quick", "--skip-torch", "--check-eigh", "--tasks", "2", "--results", folder]
+    argv = ["--quick", "--skip-torch", "--check-eigh", "--tasks", "2", "--blocks", "1", "--results", folder]
     assert bench_merge.main(argv) == 0
     printed = capsys.readouterr().out
-    data, log = _read(folder, "quick_jax")
+    data, log = _read(folder, "quick_blocks1_jax")
     assert data["command"] == "python experiments/bench_merge.py " + " ".join(argv)
-    assert data["machine"]["cpus"] == os.cpu_count() and data["shape"]["blocks"] == 2
+    assert data["machine"]["cpus"] == os.cpu_count() and data["shape"]["blocks"] == 1
     # the log is exactly what was printed (bar the final "wrote" lines), and the JSON holds the table's numbers
     assert log.splitlines()[0] == "$ " + data["command"]
     assert [line for line in printed.splitlines() if not line.startswith("wrote ")] == log.splitlines()[1:]
@@ -33,8 +33,8 @@ def test_bench_merge_writes_its_table(tmp_path, capsys):
     assert stages[:2] == ["capture (features → stats)", "bases + masks"]
     for row in data["table"]:
         assert f"| {row['stage']} | {row['jax_s']:.2f} | – | – |" in log
-    # 2 blocks × 6 linear layers × 2 tasks
-    assert data["jax"]["solves"] == 24 and data["status"] == 0
+    # 1 block × 6 linear layers × 2 tasks
+    assert data["jax"]["solves"] == 12 and data["status"] == 0
     assert data["agreement_vs_eigh"]["max_relative_error_per_leaf"] < 1e-4
 
 

@@ -22,11 +22,11 @@ from catmerge_jax.cat import cat_merge, check_scalar, finetuned_list, params_vie
 from catmerge_jax.errors import HyperparameterError
 from catmerge_jax.methods.pcb import order_statistics
 from catmerge_jax.methods.registry import MergeMethod, register
-from catmerge_jax.tree import PyTree
+from catmerge_jax.tree import PyTree, compute_dtype
 
 
 def _compute_dtype(x: jax.Array):
-    return jnp.promote_types(x.dtype, jnp.float32)
+    return compute_dtype(x.dtype)
 
 
 def _cast(x, dtype):
