@@ -10,8 +10,10 @@
 3. three task models are fine-tuned from the base (the whole backbone, full-batch Adam, fixed seeds) on 24
    labelled sentences each; their backbones are written as Hugging Face folders. The heads never change, so
    everything a task learns is in its backbone update, the part that is merged;
-4. four unlabeled training sentences per task are written as exemplar files, and the backbones are merged with
-   ``task_arithmetic`` and ``cat`` through the same pipeline function the ``catmerge merge`` command uses;
+4. four unlabeled training sentences per task are written as exemplar files; the backbones are merged with
+   ``task_arithmetic`` through the function ``catmerge merge`` runs, and with CAT in memory from the same
+   statistics ``catmerge merge --method cat`` captures (``cat_trim`` then ``combine``, which equals ``cat_merge``),
+   so that the trimmed task vectors also give CAT's removed shares; both merged models are written as folders;
 5. every task's head is evaluated on 20 held-out sentences with the pretrained, its own (individual), the
    task-arithmetic and the CAT backbone; the share of each task vector's linear-layer update that CAT removed
    (``Σ‖T − T̃‖² / Σ‖T‖²`` over the linear leaves) is printed with the settings.
@@ -242,13 +244,12 @@ def accuracy(functions: Functions, backbone: PyTree, head: PyTree, data: tuple) 
     return float(np.mean(np.asarray(jnp.argmax(z, -1)) == labels))
 
 
-def removed_share(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree], *, lam: float,
-                  c: int) -> list[float]:
-    """Per task, ``Σ‖T_k − T̃_k‖² / Σ‖T_k‖²`` over the LINEAR leaves: the share of its linear update CAT removes."""
+def removed_share(pretrained: PyTree, finetuned: Sequence[PyTree], trimmed: Sequence[PyTree]) -> list[float]:
+    """Per task, ``Σ‖T_k − T̃_k‖² / Σ‖T_k‖²`` over the LINEAR leaves: the share of its linear update CAT removes
+    (``trimmed``: :func:`catmerge_jax.cat_trim`'s output)."""
     import catmerge_jax as cm
     from catmerge_jax.roles import is_spec
 
-    trimmed = cm.cat_trim(pretrained, finetuned, stats, lam=lam, c=c, trim_scale=False, trim_shift=False)
     linear = [p for p, spec in cm.leaves_with_paths(cm.classify(pretrained), is_leaf=is_spec)
               if spec.role is cm.Role.LINEAR]
     base = dict(cm.leaves_with_paths(pretrained))
@@ -276,6 +277,7 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
     """
     from converters.hf import save_hf_folder
 
+    import catmerge_jax as cm
     from catmerge_jax import pipeline
     from catmerge_jax.capture import make_capture
 
@@ -336,22 +338,25 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
             exemplar_files.append(path)
             lap("write")
 
-        hparams = {"task_arithmetic": {"alpha": settings.alpha},
-                   "cat": {"alpha": settings.alpha, "lam": settings.lam, "c": settings.c}}
-        merged_dirs = {}
+        merged_dirs, removed = {}, {}
         for method in settings.methods:
-            merged_dirs[method] = pipeline.merge_folders(method, base_dir, task_dirs, exemplar_files,
-                                                         os.path.join(root, "merged", method),
-                                                         hparams=hparams.get(method), progress=progress)
+            out = os.path.join(root, "merged", method)
+            if method == "cat":
+                # CAT in memory, so its trimmed task vectors also give the removed shares (one CAT computation):
+                # statistics of each task model on its exemplar file, as `catmerge merge` captures them.
+                capture = make_capture(model, rules=pipeline.capture_rules(base.kind))
+                stats = [pipeline.task_statistics(capture, ft, pipeline.read_exemplars(f, base))
+                         for ft, f in zip(finetuned, exemplar_files)]
+                trimmed = cm.cat_trim(base.params, finetuned, stats, lam=settings.lam, c=settings.c)
+                removed = dict(zip(settings.tasks, removed_share(base.params, finetuned, trimmed)))
+                save_hf_folder(out, jax.tree.map(np.asarray, cm.combine(base.params, trimmed, settings.alpha)),
+                               base.meta, base_dir)
+                merged_dirs[method] = out
+            else:
+                hparams = {"alpha": settings.alpha} if method == "task_arithmetic" else None
+                merged_dirs[method] = pipeline.merge_folders(method, base_dir, task_dirs, exemplar_files, out,
+                                                             hparams=hparams, progress=progress)
             lap(f"merge {method}")
-        removed = {}
-        if "cat" in settings.methods:
-            capture = make_capture(model, rules=pipeline.capture_rules(base.kind))
-            stats = [pipeline.task_statistics(capture, ft, pipeline.read_exemplars(f, base))
-                     for ft, f in zip(finetuned, exemplar_files)]
-            removed = dict(zip(settings.tasks, removed_share(base.params, finetuned, stats, lam=settings.lam,
-                                                             c=settings.c)))
-            lap("CAT share")
 
         backbones = {"pretrained": base.params}
         backbones.update({m: pipeline.load_checkpoint(d).params for m, d in merged_dirs.items()})

@@ -210,8 +210,7 @@ def assert_same(got, want, name):
 
 # Methods whose own file does not yet read module roles (owned elsewhere; reported). strict: the marker must go
 # the moment the method is fixed.
-KNOWN_GAPS = {"lot": "lot.py classifies the bare params tree (no module roles): equinox (out, in) weights are "
-                     "read as 'other'"}
+KNOWN_GAPS: dict[str, str] = {}  # method name -> why it cannot merge modules yet (none now)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[n]))

@@ -109,7 +109,7 @@ def test_clip8_protocol_prints_table_for_every_method_and_task(tmp_path, capsys)
         assert set(res["rows"][m]) == set(tasks)
         # 6 test images per task: every accuracy is a count over 6
         assert all(abs(6 * a - round(6 * a)) < 1e-9 for a in res["rows"][m].values()), m
-        assert d["hparams"]["alpha"] in SMALL_GRID["alphas"] or not d["alpha_is_scale"], m
+        assert not d["alpha_is_scale"] or d["hparams"]["alpha"] in SMALL_GRID["alphas"], m
     assert "cat (λ, c on val)" in res["rows"]
     # The reported scores are those of the method's own front door at the reported hyperparameters, merged and
     # classified again here (the protocol evaluates W0 + α·delta read off one merge; this is a separate path).

@@ -147,3 +147,25 @@ def reference_folder_merge(base_dir, task_dirs, exemplar_files, *, alpha=0.3, la
     merged = reference_cat_merge(base.params, [t.params for t in tasks], stats, alpha=alpha, lam=lam, c=c)
     # the converter's per-leaf layout change (renames and transposes; round trips are tested in test_converters.py)
     return {leaf.key: to_torch_layout(merged[path], leaf.transform) for path, leaf in base.meta.leaves.items()}
+
+
+def ill_posed_linear_leaves(w0, finetuned, stats, *, lam, c, gap_rtol=1e-4):
+    """Linear leaf paths where some ``G_k`` has a positive c-th eigenvalue and a relative eigengap at c below
+    ``gap_rtol``: there float32 rounding (≈ 1e-7·‖G_k‖) may rotate the top-c subspace by up to ``1e-7 / gap``, so a
+    float32 merge can only be compared loosely with the float64 one."""
+    specs = _by_path(cm.classify(w0), cm.LeafSpec)
+    per_task = [_by_path(s, cm.LeafStats) for s in stats]
+    ft_leaves = [_by_path(f) for f in finetuned]
+    bad = []
+    for path, base in cm.leaves_with_paths(w0):
+        if specs[path].role is not cm.Role.LINEAR or min(np.shape(base)) <= c:
+            continue
+        T = [np.asarray(f[path], np.float64) - np.asarray(base, np.float64) for f in ft_leaves]
+        A = [gram64(s[path]) for s in per_task]
+        for k in range(len(T)):
+            G = ref.conflict_matrix(T, A, lam, k)
+            w = np.sort(np.linalg.eigvalsh(G))[::-1]
+            if w[c - 1] > 0 and eigengap(G, c) < gap_rtol:
+                bad.append(path)
+                break
+    return bad

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.cat import validate_inputs
+from catmerge_jax.cat import _combined_roles, finetuned_list, params_view, validate_inputs
 from catmerge_jax.errors import HyperparameterError
 from catmerge_jax.roles import LeafSpec, Overrides, Role, classify, is_spec
 from catmerge_jax.tree import PyTree, is_concrete, leaves_with_paths
@@ -108,9 +108,13 @@ def matrix_merge(pretrained: PyTree, finetuned: Sequence[PyTree], layer_fn: Laye
     """
     check_choice("matrices", matrices, MATRICES)
     check_choice("rest", rest, REST)
+    inputs = params_view(pretrained)
+    finetuned = [params_view(f).params for f in finetuned_list(finetuned)]
+    pretrained = inputs.params
     validate_inputs(pretrained, finetuned)
     check_alpha(alpha, desc)
-    specs = [s for _, s in leaves_with_paths(classify(pretrained, roles), is_leaf=is_spec)]
+    specs = [s for _, s in leaves_with_paths(classify(pretrained, _combined_roles(inputs.roles, roles)),
+                                             is_leaf=is_spec)]
     base_leaves, treedef = jax.tree.flatten(pretrained)
     columns = list(zip(*[jax.tree.leaves(ft) for ft in finetuned]))
 
@@ -151,7 +155,7 @@ def matrix_merge(pretrained: PyTree, finetuned: Sequence[PyTree], layer_fn: Laye
             else:
                 delta = delta[0]
             out[j] = (base.astype(delta.dtype) + alpha * delta).astype(base.dtype)
-    return jax.tree.unflatten(treedef, out)
+    return inputs.rebuild(jax.tree.unflatten(treedef, out))
 
 
 __all__ = ["matrix_merge", "polar", "compute_dtype", "check_choice", "check_alpha", "MATRICES", "REST"]

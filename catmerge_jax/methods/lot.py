@@ -39,11 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.cat import validate_inputs
+from catmerge_jax.cat import _combined_roles, finetuned_list, params_view, validate_inputs
 from catmerge_jax.errors import HyperparameterError, MissingStatisticsError
 from catmerge_jax.methods.layerwise import check_alpha, compute_dtype
 from catmerge_jax.methods.registry import MergeMethod, register
-from catmerge_jax.roles import LeafSpec, Overrides, Role, classify, is_spec
+from catmerge_jax.roles import LeafSpec, Overrides, Role, classify, is_spec, with_stacking
 from catmerge_jax.stats import LeafStats, is_leaf_stats
 from catmerge_jax.tree import PyTree, leaves_with_paths
 
@@ -168,12 +168,19 @@ def lot_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[P
                                      "capture_stats (the same ones CAT uses)")
     if rcond is not None and not (np.isfinite(float(rcond)) and float(rcond) >= 0):
         raise HyperparameterError(f"lot rcond must be a finite number >= 0 or None, got {rcond!r}")
+    view = params_view(pretrained)
+    finetuned = [params_view(f).params for f in finetuned_list(finetuned)]
+    pretrained = view.params
     validate_inputs(pretrained, finetuned, stats)
     check_alpha(alpha, "LOT")
-    specs = [s for _, s in leaves_with_paths(classify(pretrained, roles), is_leaf=is_spec)]
+    specs = [s for _, s in leaves_with_paths(classify(pretrained, _combined_roles(view.roles, roles)),
+                                             is_leaf=is_spec)]
     paths_leaves = leaves_with_paths(pretrained)
     stat_columns = list(zip(*[[s for _, s in leaves_with_paths(t, is_leaf=is_leaf_stats)] for t in stats]))
     columns = list(zip(*[jax.tree.leaves(ft) for ft in finetuned]))
+    # a leaf whose statistics hold per-layer counts (captured from a scanned model) is stacked layers
+    specs = [with_stacking(sp, np.shape(paths_leaves[j][1]), np.ndim(stat_columns[j][0].count))
+             if stat_columns[j][0].count is not None else sp for j, sp in enumerate(specs)]
     indices = range(len(paths_leaves))
     if progress:
         from tqdm.auto import tqdm
@@ -193,7 +200,7 @@ def lot_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[P
         else:
             delta = tvs.mean(0)
         merged.append((base.astype(dt) + alpha * delta).astype(base.dtype))
-    return jax.tree.unflatten(jax.tree.structure(pretrained), merged)
+    return view.rebuild(jax.tree.unflatten(jax.tree.structure(pretrained), merged))
 
 
 def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **hparams):
