@@ -134,7 +134,7 @@ class ExampleSettings:
     steps: int = 25                # Adam steps per task (full batch of the task's 24 sentences)
     backbone_lr: float = 1e-4
     head_scale: float = 20.0       # logit scale of the frozen zero-shot heads (cosine similarity × scale)
-    max_length: int = 16           # tokens per sentence, padded (one compiled shape; the longest sentence has 12)
+    max_length: int = 16           # tokens per sentence, padded (one compiled shape; the longest sentence has 14)
     exemplars_per_task: int = 4    # unlabeled training sentences handed to CAT
     alpha: float = 0.3             # task arithmetic's and CAT's merge scale
     lam: float = 5.0               # CAT's λ

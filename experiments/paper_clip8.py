@@ -144,7 +144,8 @@ def run(checkpoints: str, data: str, heads_dir: str | None = None, *, tasks: Seq
         stats.append(capture_stats(model, ft, jnp.asarray(ex, jnp.float32), batch_size=8))
 
     rows, details = score_all_methods(w0, finetuned, stats, score, tasks, methods=methods, alphas=alphas,
-                                      ties_k=ties_k, has_val=has_val, quiet=quiet, cat_points=cat_points)
+                                      ties_k=ties_k, has_val=has_val, quiet=quiet, cat_points=cat_points,
+                                      roles=model.param_roles())
     return {"rows": rows, "details": details, "tasks": list(tasks), "selected_on_validation": has_val}
 
 

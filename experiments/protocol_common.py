@@ -30,7 +30,7 @@ def method_task_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[s
 def score_all_methods(w0: Any, finetuned: Sequence[Any], stats: Sequence[Any], score: Callable[[Any, str], dict],
                       tasks: Sequence[str], *, methods: Sequence[str] | None, alphas: Sequence[float],
                       ties_k: Sequence[float], has_val: bool, quiet: bool,
-                      cat_points: Sequence[Mapping[str, Any]] | None = None) -> tuple[dict, dict]:
+                      cat_points: Sequence[Mapping[str, Any]] | None = None, roles: Any = None) -> tuple[dict, dict]:
     """``(rows, details)``: test scores of the individual models, the pretrained backbone and every method, with
     alpha chosen on validation when there is any (else each method's defaults), from the same ``alphas`` grid for
     every method, jointly with each method's own knob (TIES's k over ``ties_k``; Iso-CTS's common fraction; see
@@ -49,13 +49,13 @@ def score_all_methods(w0: Any, finetuned: Sequence[Any], stats: Sequence[Any], s
         load_all_methods()
     for name in tqdm(names, desc="methods", disable=quiet):
         row, _ = tune_method(name, w0, finetuned, score, alphas=alphas, ties_k=ties_k, stats=stats,
-                             select_split="val" if has_val else None)
+                             select_split="val" if has_val else None, roles=roles)
         details[name] = {k: v for k, v in row.items() if k != "val_grid"}
         rows[name] = row.get("test", {})
     if has_val and "cat" in names:
         points = cat_points if cat_points is not None else cat_knob_points(CAT_LAM_SWEEP, CAT_C_SWEEP)
         row, _ = tune_method("cat (λ, c on val)", w0, finetuned, score, alphas=alphas, stats=stats, method="cat",
-                             knob_points=points)
+                             knob_points=points, roles=roles)
         details["cat (λ, c on val)"] = {k: v for k, v in row.items() if k != "val_grid"}
         rows["cat (λ, c on val)"] = row.get("test", {})
     return rows, details

@@ -203,7 +203,7 @@ def tune_method(name: str, pretrained: PyTree, finetuned: Sequence[PyTree], scor
                 *, alphas: Sequence[float], ties_k: Sequence[float] = (0.2,), stats: Sequence[PyTree] | None = None,
                 extras: Mapping[str, Any] | None = None, select_split: str | None = "val",
                 report_split: str = "test", knob_points: Sequence[Mapping[str, Any]] | None = None,
-                method: str | None = None) -> tuple[dict, PyTree | None]:
+                method: str | None = None, roles: Any = None) -> tuple[dict, PyTree | None]:
     """Merge with registered method ``name``, choose its hyperparameters on ``select_split``, score ``report_split``.
 
     alpha is searched over ``alphas`` when it scales the merged task vector (see :func:`scaled_merge`; methods in
@@ -231,6 +231,8 @@ def tune_method(name: str, pretrained: PyTree, finetuned: Sequence[PyTree], scor
     kwargs: dict[str, Any] = {e: extras[e] for e in m.extras}
     if m.needs_stats:
         kwargs["stats"] = stats
+    if roles is not None:  # a layout's own roles (e.g. open_clip's fused q|k|v), for every method alike
+        kwargs["roles"] = roles
     from catmerge_jax.errors import CatMergeError
 
     if knob_points is None:
