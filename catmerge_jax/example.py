@@ -18,8 +18,9 @@
    task-arithmetic and the CAT backbone; the share of each task vector's linear-layer update that CAT removed
    (``Σ‖T − T̃‖² / Σ‖T‖²`` over the linear leaves) is printed with the settings.
 
-It is small enough to run in a few minutes on two CPU cores; it shows the machinery and what merging costs, it is
-not a benchmark (see ``experiments/benchmark`` for six real tasks).
+It takes about two minutes on two CPU cores (1 min 44 s measured, most of it fine-tuning). It shows the machinery,
+it is not a benchmark (see ``experiments/benchmark`` for six real tasks): here the three tasks barely interfere, so
+task arithmetic and CAT reach the same held-out accuracy although CAT removes a few percent of every task vector.
 """
 
 from __future__ import annotations

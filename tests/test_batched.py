@@ -125,7 +125,7 @@ def test_matrix_free_and_gram_forms_equal_float64_reference():
 # Designed spectra: the Krylov space well below `out`, acceptance by the residual test, and the eigh fallback.
 # ---------------------------------------------------------------------------------------------------------------
 
-FAN_IN, FAN_OUT, C = 256, 512, 3
+FAN_IN, FAN_OUT, C = 256, 384, 3
 
 
 def _orthogonal(rng, n):
@@ -170,7 +170,7 @@ def _top(G, c):
 
 
 def test_krylov_space_much_smaller_than_out_is_accepted_by_the_residual_test():
-    """512 outputs, G_k of rank 256: a Krylov basis of block·(steps+1) = 208 columns cannot be exact, so whether a
+    """384 outputs, G_k of rank 256: a Krylov basis of block·(steps+1) = 208 columns cannot be exact, so whether a
     solve is accepted is decided by its residuals (Davis–Kahan bound ≤ tol·gap). Every solve must be accepted,
     none falls back, and the subspace equals float64 eigh's (projector error ≤ 1e-4: the solver accepts
     sin∠ ≲ 1e-4)."""

@@ -20,7 +20,8 @@ def _read(folder, mode):
 
 def test_bench_merge_writes_its_table(tmp_path, capsys):
     folder = str(tmp_path / "r")
-    argv = ["--quick", "--skip-torch", "--check-eigh", "--tasks", "2", "--blocks", "1", "--results", folder]
+    argv = ["--quick", "--skip-torch", "--check-eigh", "--tasks", "2", "--blocks", "1", "--solver", "eigh",
+            "--results", folder]
     assert bench_merge.main(argv) == 0
     printed = capsys.readouterr().out
     data, log = _read(folder, "quick_blocks1_jax")

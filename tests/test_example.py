@@ -93,7 +93,9 @@ def _torch_accuracy_table(base_dir, folders, settings):
 
 def test_example_flow_on_a_tiny_bert(tmp_path, capsys):
     base_dir = _tiny_bert(str(tmp_path / "tiny"))
-    settings = ExampleSettings(steps=3, backbone_lr=3e-3, exemplars_per_task=3)
+    # λ = 1, c = 1: the conflict matrices of a 2-layer width-16 BERT after 3 steps have few eigenvalues far above
+    # float32 noise; the top one of each is (mostly) well separated, so the comparison with float64 is meaningful
+    settings = ExampleSettings(steps=3, backbone_lr=3e-3, exemplars_per_task=3, lam=1.0, c=1)
     report = run_example(str(tmp_path / "out"), settings=settings, base_dir=base_dir, progress=False)
     table = report["accuracy"]
     assert list(table) == list(TASKS)
@@ -101,13 +103,13 @@ def test_example_flow_on_a_tiny_bert(tmp_path, capsys):
     folders = report["folders"]
     # The CAT folder is the float64 CAT merge of the same task folders and exemplar files (float32 on disk and in
     # the merge: 1e-4 of the update leaves a margin of about 10 over the float32 eigenvector error where the top-c
-    # eigengap is ≥ 1e-4; the one or two leaves of this tiny random model with a smaller gap get 1e-2).
+    # eigengap is ≥ 1e-4; the few leaves of this tiny random model with a smaller gap get 1e-2).
     want = tr.reference_folder_merge(base_dir, folders["tasks"], _exemplar_files(folders, settings), alpha=0.3,
-                                     lam=5.0, c=3)
+                                     lam=1.0, c=1)
     base_ckpt, tasks, stats = tr.folder_statistics(base_dir, folders["tasks"], _exemplar_files(folders, settings))
     loose = {base_ckpt.meta.leaves[p].key for p in tr.ill_posed_linear_leaves(
-        base_ckpt.params, [t.params for t in tasks], stats, lam=5.0, c=3)}
-    assert len(loose) <= 2
+        base_ckpt.params, [t.params for t in tasks], stats, lam=1.0, c=1)}
+    assert len(loose) <= 3
     base, cat = _tensors(base_dir), _tensors(folders["merged"]["cat"])
     assert tr.compare({k: cat[k] for k in want if k not in loose}, {k: v for k, v in want.items() if k not in loose},
                       base)[1] < 1e-4
@@ -121,11 +123,11 @@ def test_example_flow_on_a_tiny_bert(tmp_path, capsys):
                             **{m: folders["merged"][m] for m in settings.methods}}
     assert table == _torch_accuracy_table(base_dir, columns, settings)
     # CAT's removed shares, from the float64 reference bases
-    shares = tr.removed_share(base_ckpt.params, [t.params for t in tasks], stats, lam=5.0, c=3)
+    shares = tr.removed_share(base_ckpt.params, [t.params for t in tasks], stats, lam=1.0, c=1)
     np.testing.assert_allclose([report["removed"][t] for t in settings.tasks], shares, rtol=1e-2)
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and "(20 sentences per task)" in printed
-    assert "CAT with alpha 0.3, λ 5, c 3, from 3 unlabeled training sentences per task" in printed
+    assert "CAT with alpha 0.3, λ 1, c 1, from 3 unlabeled training sentences per task" in printed
     assert "CAT removed" in printed and f"{settings.tasks[0]} {100 * report['removed'][settings.tasks[0]]:.1f}%" \
         in printed
     assert f"merged models (Hugging Face folders): {folders['merged']['task_arithmetic']}" in printed
