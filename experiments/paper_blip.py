@@ -213,14 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from converters.hf import ConversionError
 
     try:
-        folders = {}
-        for spec in args.task:
-            name, sep, folder = spec.partition("=")
-            if not sep or not name or not folder:
-                raise BlipProtocolError(f"--task expects NAME=DIR, got {spec!r}")
-            folders[name] = folder
-        ordered = {t: folders[t] for t in sorted(folders, key=lambda t: (
-            TABLE4_ORDER.index(t) if t in TABLE4_ORDER else len(TABLE4_ORDER), t))}
+        from experiments.protocol_common import task_folders
+
+        ordered = task_folders(args.task, TABLE4_ORDER, BlipProtocolError)
         res = run(args.pretrained, ordered, args.data, exemplars=args.exemplars, methods=args.methods,
                   num_beams=args.num_beams, max_length=args.max_length, batch_size=args.batch_size,
                   quiet=args.quiet)

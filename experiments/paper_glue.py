@@ -236,14 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from converters.hf import ConversionError
 
     try:
-        folders = {}
-        for spec in args.task:
-            name, sep, folder = spec.partition("=")
-            if not sep or not name or not folder:
-                raise GlueError(f"--task expects NAME=DIR, got {spec!r}")
-            folders[name] = folder
-        ordered = {t: folders[t] for t in sorted(folders, key=lambda t: (GLUE_ORDER.index(t) if t in GLUE_ORDER
-                                                                          else len(GLUE_ORDER), t))}
+        from experiments.protocol_common import task_folders
+
+        ordered = task_folders(args.task, GLUE_ORDER, GlueError)
         res = run(args.pretrained, ordered, args.data, exemplars=args.exemplars, methods=args.methods,
                   quiet=args.quiet)
     except (GlueError, ConversionError, CatMergeError, OSError) as e:

@@ -12,6 +12,18 @@ CAT_LAM_SWEEP = (0.0, 1.0, 5.0, 20.0)
 CAT_C_SWEEP = (1, 3, 5, 8)
 
 
+def task_folders(specs: Sequence[str], order: Sequence[str], error: type[Exception]) -> dict[str, str]:
+    """``--task NAME=DIR`` arguments as ``{name: folder}``, in the paper table's ``order`` (unknown names last, by
+    name); a malformed argument raises ``error``."""
+    folders = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise error(f"--task expects NAME=DIR, got {spec!r}")
+        folders[name] = folder
+    return {t: folders[t] for t in sorted(folders, key=lambda t: (order.index(t) if t in order else len(order), t))}
+
+
 def method_task_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str], title: str) -> str:
     """The paper's table layout: one row per method, one column per task (scores in [0, 1], shown ×100), then the
     average; a method with no scores (skipped) shows dashes."""

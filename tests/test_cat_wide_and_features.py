@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from tests.fixtures.tiny_bert import save_tiny_bert  # noqa: E402
+
 import os
 
 import jax
@@ -71,22 +73,7 @@ WORDS = "the a movie film was good bad great i love hate it this is what why how
 
 
 def _bert(folder, *, seed, base=None, scale=0.05):
-    os.makedirs(folder, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    with open(os.path.join(folder, "vocab.txt"), "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    transformers.BertTokenizer(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=24, max_position_embeddings=40)
-    torch.manual_seed(seed)
-    model = transformers.BertModel(cfg)
-    if base is not None:
-        model.load_state_dict(transformers.BertModel.from_pretrained(base).state_dict())
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(scale * torch.randn_like(p))
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_tiny_bert(folder, seed=seed, words=WORDS, base=base, scale=scale)
 
 
 def test_feature_scale_flag_equals_float64_reference(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.fixtures.tiny_bert import save_tiny_bert  # noqa: E402
+
 import json
 import os
 import subprocess
@@ -24,22 +26,7 @@ EXEMPLARS = ["i love this movie .\nthe film was great\n", "what is this ?\n\nwhy
 
 
 def _save_bert(folder, *, seed, base=None, scale=0.05, hidden=16):
-    os.makedirs(folder, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    with open(os.path.join(folder, "vocab.txt"), "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    transformers.BertTokenizer(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=24, max_position_embeddings=40)
-    torch.manual_seed(seed)
-    model = transformers.BertModel(cfg)
-    if base is not None:
-        model.load_state_dict(transformers.BertModel.from_pretrained(base).state_dict())
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(scale * torch.randn_like(p))
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_tiny_bert(folder, seed=seed, words=WORDS, base=base, scale=scale, hidden=hidden)
 
 
 @pytest.fixture(scope="module")

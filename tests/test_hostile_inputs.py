@@ -8,6 +8,8 @@ and permissions that follow the umask. Fixtures: a 2-layer BERT folder made with
 
 from __future__ import annotations
 
+from tests.fixtures.tiny_bert import save_tiny_bert  # noqa: E402
+
 import hashlib
 import json
 import os
@@ -40,24 +42,8 @@ TOKENIZER_NAMES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 
 
 def _save_bert(folder, *, seed, base=None, vocab=None, vocab_size=None, dtype=None):
-    os.makedirs(folder, exist_ok=True)
-    vocab = vocab or ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    with open(os.path.join(folder, "vocab.txt"), "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    transformers.BertTokenizer(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
-    cfg = transformers.BertConfig(vocab_size=vocab_size or len(vocab), hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=24, max_position_embeddings=40)
-    torch.manual_seed(seed)
-    model = transformers.BertModel(cfg)
-    if base is not None:
-        model.load_state_dict(transformers.BertModel.from_pretrained(base).state_dict())
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    if dtype is not None:
-        model = model.to(dtype)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_tiny_bert(folder, seed=seed, words=WORDS, base=base, layers=2, vocab=vocab, vocab_size=vocab_size,
+                          dtype=dtype)
 
 
 @pytest.fixture(scope="module")
