@@ -126,7 +126,7 @@ def test_clip8_protocol_prints_table_for_every_method_and_task(tmp_path, capsys)
              for t, ft in zip(tasks, fts)]
     for m in ("tsv", "iso_cts", "lot", "cat (λ, c on val)"):
         hp = dict(res["details"][m]["hparams"])
-        merged = get_method(m.split(" ")[0]).merge(w0, fts, stats=stats, **hp)
+        merged = get_method(m.split(" ")[0]).merge(w0, fts, stats=stats, roles=clip.param_roles(), **hp)
         for t in tasks:
             head = paper_clip8.load_head(os.path.join(ckpt, f"head_{t}.pt"))
             x, y = (np.load(os.path.join(data, t, f"test_{k}.npy")) for k in ("images", "labels"))
