@@ -151,7 +151,9 @@ def test_clip8_protocol_prints_table_for_every_method_and_task(tmp_path, capsys)
                              "task_arithmetic", "cat", "--quiet", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Table 1 layout" in text and "cat" in text and "SVHN" in text
-    assert set(json.loads(out.read_text())["rows"]) == {"individual", "pretrained", "task_arithmetic", "cat"}
+    # with validation data and CAT asked for, the λ/c-on-validation row comes with it
+    assert set(json.loads(out.read_text())["rows"]) == {"individual", "pretrained", "task_arithmetic", "cat",
+                                                        "cat (λ, c on val)"}
     assert paper_clip8.main(["--checkpoints", str(tmp_path / "nope"), "--data", data, "--quiet"]) == 2
     assert "missing checkpoint" in capsys.readouterr().err
 
