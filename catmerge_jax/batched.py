@@ -218,28 +218,22 @@ def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, p
     if counts is not None and is_concrete(unresolved):
         counts.setdefault("unresolved", []).extend(
             (int(a), int(b)) for a, b in np.argwhere(np.asarray(_gather(unresolved))) if a < real)
-    if not strict_top_c:
-        bases = _positive(tvs, data, bases, lam, form=plan.form)
-    if plan.solver == "eigh":  # exact solves: nothing to check or redo
-        if counts is not None:
-            counts["solves"] = counts.get("solves", 0) + real * tvs.shape[1]
-        return bases
-    if not is_concrete(converged):
-        raise ValueError("solver='iterative' decides its eigh fallbacks on the host and needs concrete inputs; "
-                         "under jax.jit/vmap/grad use solver='eigh' (the default there)")
-    bad = np.argwhere(~np.asarray(_gather(converged)))
-    bad = bad[bad[:, 0] < real]
     if counts is not None:
         counts["solves"] = counts.get("solves", 0) + real * tvs.shape[1]
-        counts["fallbacks"] = counts.get("fallbacks", 0) + len(bad)
-    if len(bad):
-        layers, tasks = bad[:, 0], bad[:, 1]
-        fixed = _fallback_bases(tvs[layers], data[layers], jnp.asarray(tasks), lam, c=c, form=plan.form)
-        if not strict_top_c:
-            fixed = _positive(tvs[layers], data[layers], bases.at[layers, tasks].set(fixed)[layers], lam,
-                              form=plan.form)[jnp.arange(len(layers)), jnp.asarray(tasks)]
-        bases = bases.at[layers, tasks].set(fixed)
-    return bases
+    if plan.solver != "eigh":  # eigh solves are exact: nothing to check or redo
+        if not is_concrete(converged):
+            raise ValueError("solver='iterative' decides its eigh fallbacks on the host and needs concrete inputs; "
+                             "under jax.jit/vmap/grad use solver='eigh' (the default there)")
+        bad = np.argwhere(~np.asarray(_gather(converged)))
+        bad = bad[bad[:, 0] < real]
+        if counts is not None:
+            counts["fallbacks"] = counts.get("fallbacks", 0) + len(bad)
+        if len(bad):
+            layers, tasks = bad[:, 0], bad[:, 1]
+            fixed = _fallback_bases(tvs[layers], data[layers], jnp.asarray(tasks), lam, c=c, form=plan.form)
+            bases = bases.at[layers, tasks].set(fixed)
+    # once, on the final bases (fallbacks included)
+    return bases if strict_top_c else _positive(tvs, data, bases, lam, form=plan.form)
 
 
 @functools.partial(jax.jit, static_argnames=("form",))

@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, TreeMismatchError
-from catmerge_jax.linalg import top_eigenvectors
 from catmerge_jax.roles import LeafSpec, Overrides, Role, check_spec, classify, is_spec, with_stacking
 from catmerge_jax.stats import LeafStats, check_stats, is_leaf_stats
 from catmerge_jax.tree import (PyTree, check_finite, check_same_structure, compute_dtype, is_concrete, is_tracer,
