@@ -7,6 +7,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# XLA:CPU's multi-threaded Eigen pool can wedge (all threads parked, the caller waiting forever on a result) on
+# small machines; it hung this suite on 2 cores (PyAutoFit#1528 measured the same and this flag as the cure).
+# Set before jax is imported; subprocesses started by tests inherit it.
+if "--xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax
 import pytest

@@ -3,8 +3,6 @@ out-first and fused leaves, and the errors that replace silent no-ops (issue: JA
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +66,10 @@ def test_cat_merge_under_jit_vmap_grad_matches_the_float64_reference(x64, fast):
     assert abs(float(grad) - expected_grad) <= FEATURE_ROUNDING * abs(expected_grad)
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "average"])
+BASIC_TRACED = ["task_arithmetic", "ties", "average"]
+
+
+@pytest.mark.parametrize("name", BASIC_TRACED)
 def test_basic_front_doors_trace_with_params_and_alpha(name):
     w0, fts, _, _ = make_problem(seed=4, dtype=np.float32)
     method = cm.get_method(name)
@@ -87,41 +88,20 @@ def test_basic_front_doors_trace_with_params_and_alpha(name):
         assert abs(float(grad) - expected) <= 1e-4 * abs(expected)
 
 
-def _extras_for(method, w0, fts, rng):
-    extras = {}
-    for name in method.extras:
-        # per-task arrays of the params' shapes: Fisher diagonals, gradients
-        extras[name] = [jax.tree.map(lambda x: np.abs(rng.normal(size=np.shape(x))).astype(np.float32) + 0.1, w0)
-                        for _ in fts]
-    return extras
+def test_every_registered_method_has_a_traced_equality_test():
+    """Each registered method is run under ``jax.jit`` (params, statistics, extras and alpha traced) and compared with
+    its eager call or a float64 reference by one of the parametrized tests listed here; a method added to the registry
+    without one fails this test. (Running them all again here took ~1 min of compilation for no new check.)"""
+    from tests import test_methods_field, test_traced_baselines
 
-
-def test_every_registered_method_traces_under_jit():
-    """Every method of the registry: params, statistics, per-task extras and alpha traced; equals the eager call."""
-    w0, fts, stats, _ = make_problem(seed=5, dtype=np.float32)
-    rng = np.random.default_rng(0)
-    for name in cm.available_methods():
-        method = cm.get_method(name)
-        extras = _extras_for(method, w0, fts, rng)
-        hp = dict(method.defaults)
-        s = stats if method.needs_stats else None
-        if "alpha" in hp:
-            alpha = hp.pop("alpha")
-
-            def run(p, f, st, ex, a, method=method, hp=hp):
-                return method.merge(p, f, stats=st, **ex, **hp, alpha=a)
-
-            args = (w0, fts, s, extras, jnp.float32(alpha))
-        else:
-            def run(p, f, st, ex, method=method, hp=hp):
-                return method.merge(p, f, stats=st, **ex, **hp)
-
-            args = (w0, fts, s, extras)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            eager = run(*args)
-            traced = jax.jit(run)(*args)
-        assert _tree_rel(traced, eager) <= 1e-5, name
+    covered = {
+        "cat": "test_cat_merge_under_jit_vmap_grad_matches_the_float64_reference",
+        **{n: "test_basic_front_doors_trace_with_params_and_alpha" for n in BASIC_TRACED},
+        **{n: "test_traced_baselines.py::test_jit_equals_eager_without_retracing" for n in test_traced_baselines.CASES},
+        **{n: "test_methods_field.py::test_jit_vmap_and_grad_over_alpha" for n in test_methods_field.TRACED},
+    }
+    missing = sorted(set(cm.available_methods()) - set(covered))
+    assert not missing, f"registered methods without a traced test: {missing}"
 
 
 def test_value_checks_run_eagerly_and_are_skipped_under_tracing():

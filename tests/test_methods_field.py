@@ -341,10 +341,11 @@ def test_shapes_and_dtypes_kept_with_bf16_leaves(name):
         assert bool(jnp.all(jnp.isfinite(a.astype(jnp.float32)))), path
 
 
-REFS = {"tsv": tsv_ref, "iso_cts": iso_cts_ref, "wudi": lambda tvs: wudi_ref(tvs, 10, 1e-3)}
+REFS = {"tsv": tsv_ref, "iso_c": iso_c_ref, "iso_cts": iso_cts_ref, "wudi": lambda tvs: wudi_ref(tvs, 10, 1e-3)}
+TRACED = ["tsv", "iso_c", "iso_cts", "wudi", "lot"]
 
 
-@pytest.mark.parametrize("name", ["tsv", "iso_cts", "wudi", "lot"])
+@pytest.mark.parametrize("name", TRACED)
 def test_jit_vmap_and_grad_over_alpha(x64, name):
     """The whole merge under jit with α (and params, stats) traced, vmapped over α, and differentiated in α."""
     pre, fts = make_models()

@@ -94,7 +94,9 @@ def _write_clip8(root, tasks, torch):
 
 def test_clip8_protocol_prints_table_for_every_method_and_task(tmp_path, capsys):
     torch = pytest.importorskip("torch")
-    tasks = list(paper_clip8.TASKS)
+    # three of the eight tasks: every method and the selection still run, at 3/8 of the cost
+    tasks = ["SVHN", "MNIST", "DTD"]
+    assert set(tasks) <= set(paper_clip8.TASKS)
     ckpt, data = _write_clip8(tmp_path, tasks, torch)
     from experiments.benchmark.evaluate import load_all_methods
 
@@ -205,7 +207,7 @@ def _tiny_roberta_folders(root, tasks, transformers, torch):
 def test_glue_protocol_on_tiny_roberta(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    tasks = {"cola": 2, "sst2": 2, "stsb": 1, "rte": 2}
+    tasks = {"cola": 2, "sst2": 2, "stsb": 1}  # one task per metric kind (MCC, accuracy, Pearson/Spearman)
     pre, folders = _tiny_roberta_folders(tmp_path / "ckpt", tasks, transformers, torch)
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -222,14 +224,14 @@ def test_glue_protocol_on_tiny_roberta(tmp_path, capsys):
     from experiments.benchmark.evaluate import load_all_methods
 
     methods = load_all_methods()
-    assert res["metrics"] == {"cola": "matthews", "sst2": "accuracy", "stsb": "pearson_spearman", "rte": "accuracy"}
+    assert res["metrics"] == {"cola": "matthews", "sst2": "accuracy", "stsb": "pearson_spearman"}
     for m in methods:
         if "skipped" in res["details"][m]:
             assert get_extras(m)
             continue
         assert set(res["rows"][m]) == set(tasks), m
         # 10 test rows per task: accuracies are counts over 10
-        assert all(abs(10 * res["rows"][m][t] - round(10 * res["rows"][m][t])) < 1e-9 for t in ("sst2", "rte")), m
+        assert all(abs(10 * res["rows"][m][t] - round(10 * res["rows"][m][t])) < 1e-9 for t in ("sst2",)), m
     # Reported scores = the method's front door at the reported hyperparameters, scored again by hand (sst2).
     from catmerge_jax.methods.registry import get_method
 
