@@ -47,7 +47,7 @@ from typing import Callable, Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from catmerge_jax.batched import cat_merge_batched
+from catmerge_jax.cat import cat_merge_batched
 from catmerge_jax.tree import PyTree
 
 __all__ = ["layer_mesh", "layer_placement", "cat_merge_sharded"]

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from catmerge_jax import cat
-from catmerge_jax.batched import linear_group_apply, linear_group_bases, plan_linear
+from catmerge_jax.cat import linear_group_apply
+from catmerge_jax.conflict import linear_group_bases, plan_linear
 from catmerge_jax.errors import MissingStatisticsError, TreeMismatchError
 from catmerge_jax.roles import Overrides, Role, classify
 from catmerge_jax.stats import LeafStats, is_leaf_stats
@@ -144,8 +145,8 @@ def _trim_leaf(leaf: cat.LeafInput, table: Mapping[Role, cat.Trimmer], *, lam: f
         return trimmer.apply(leaf, trimmer.init(leaf))
     shape = leaf.task_vectors.shape
     mat = leaf.task_vectors.reshape(shape[0], *leaf.spec.matrix_shape(shape[1:]))
-    cat._check_c(c, mat.shape[-1], leaf.path)
-    form, data = cat._gram_inputs(leaf._replace(task_vectors=mat), normalize_by_count)
+    cat.check_c(c, mat.shape[-1], leaf.path)
+    form, data = cat.gram_inputs(leaf._replace(task_vectors=mat), normalize_by_count)
     plan = plan_linear(mat.shape[0], mat.shape[1], mat.shape[2], c, rows=data.shape[1] if form == "rows" else None,
                        solver=solver, strategy=strategy if form == "rows" else "explicit")
     bases = linear_group_bases(mat[None], data[None], lam=lam, c=c, plan=plan)
@@ -171,7 +172,7 @@ def merge_safetensors(base: str, tasks: Sequence[str], stats: Sequence[PyTree] |
       max_shard_bytes: output shard size; more than one shard writes ``model.safetensors.index.json``.
       other args: as :func:`catmerge_jax.cat.cat_merge` / :func:`catmerge_jax.batched.cat_merge_batched`.
     """
-    cat._check_hparams(alpha, lam)
+    cat.check_hparams(alpha, lam)
     if len(tasks) < 1:
         raise MissingStatisticsError("need at least one fine-tuned checkpoint (K >= 1), got K = 0")
     base_info = list_tensors(base)

@@ -217,3 +217,11 @@ def tree_paths(tree: PyTree) -> list[str]:
     """The leaf paths of ``tree`` as strings, in flattening order."""
     return [p for p, _ in leaves_with_paths(tree)]
 
+
+def gather(x: jax.Array) -> jax.Array:
+    """A sharded group result as one array on the default device (all processes' shards on multi-host)."""
+    if x.is_fully_addressable:
+        return jnp.asarray(np.asarray(x))
+    from jax.experimental import multihost_utils
+
+    return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import catmerge_jax as cm
-from catmerge_jax import batched
+from catmerge_jax import conflict
 from catmerge_jax.batched import cat_merge_batched, linear_group_bases, plan_linear
 from catmerge_jax.linalg import krylov_config
 from tests import reference as ref
@@ -204,13 +204,13 @@ def test_eigh_fallback_runs_exactly_for_unresolvable_gaps(monkeypatch, form):
                        strategy=strategy)
     assert plan[:3] == (form, strategy, "iterative")
     calls = []
-    original = batched._fallback_bases
+    original = conflict._fallback_bases
 
     def recording(tvs_, data_, tasks, *args, **kwargs):
         calls.append((np.asarray(tvs_), np.asarray(tasks)))
         return original(tvs_, data_, tasks, *args, **kwargs)
 
-    monkeypatch.setattr(batched, "_fallback_bases", recording)
+    monkeypatch.setattr(conflict, "_fallback_bases", recording)
     counts = {}
     bases = linear_group_bases(tvs, data, lam=0.0, c=C, plan=plan, counts=counts)
     expected = [(layer, k) for layer, row in enumerate(ties) for k, tie in enumerate(row) if tie]

@@ -16,7 +16,7 @@ import pytest
 
 import catmerge_jax as cm
 from catmerge_jax.batched import cat_merge_batched
-from catmerge_jax.cat import _symmetric_gram
+from catmerge_jax.conflict import symmetric_gram
 from tests import reference as ref
 from tests import tree_reference as tr
 
@@ -26,7 +26,7 @@ def test_symmetric_gram_equals_numpy(d):
     """Below 1024 columns a plain product; from 1024 on three of four column blocks (odd d: unequal halves)."""
     z = np.random.default_rng(d).standard_normal((37, d)).astype(np.float32)
     want = z.astype(np.float64).T @ z.astype(np.float64)
-    got = np.asarray(_symmetric_gram(jax.numpy.asarray(z)), np.float64)
+    got = np.asarray(symmetric_gram(jax.numpy.asarray(z)), np.float64)
     # float32 dot products of 37 terms: |error| ≤ 37·eps32·Σ|z_a z_b| ≲ 1e-5 · max|want|
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     np.testing.assert_array_equal(got, got.T)

@@ -1,0 +1,423 @@
+"""The conflict matrices ``G_k`` of CAT Merging and their top eigenvectors: how ``G_k`` is formed and solved.
+
+``G_k = Σ_{i≠k} T_iᵀ (A_k − λ A_i) T_i`` (paper eq. 11) can be formed from the Grams ``A_k = X_kᵀX_k``
+(``"gram"``), from the exemplar rows ``X_k`` (``"rows"``, cheaper when there are fewer rows than inputs), or never
+formed (``"matrix_free"``, a block Krylov solve against ``v ↦ G_k v``); its top-c eigenvectors come from ``eigh`` or
+the iterative solver. :func:`plan_linear` chooses all of this by flop count and returns it as ONE value, a
+:class:`LinearPlan`, which :func:`linear_group_bases` executes for a group of same-shape layers. The merge itself
+(:mod:`catmerge_jax.cat`) only hands plans to this module; nothing here depends on it.
+
+>>> import jax, jax.numpy as jnp
+>>> from catmerge_jax import conflict
+>>> tvs = jax.random.normal(jax.random.key(0), (3, 6, 5))          # (K, in, out)
+>>> rows = jax.random.normal(jax.random.key(1), (3, 4, 6))         # (K, n, in)
+>>> grams = jnp.einsum("kna,knb->kab", rows, rows)
+>>> a = conflict.cat_linear_bases(tvs, grams, lam=5.0, c=2)
+>>> b = conflict.cat_linear_bases_from_rows(tvs, rows, lam=5.0, c=2)
+>>> bool(jnp.allclose(a @ a.transpose(0, 2, 1), b @ b.transpose(0, 2, 1), atol=1e-4))  # same subspaces
+True
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from catmerge_jax.linalg import (block_krylov_top, choose_solver, eigh_flops, eigh_top, krylov_config,
+                                 krylov_flops, map_batch, MIN_ITERATIVE_N)
+from catmerge_jax.tree import gather, is_concrete
+
+__all__ = ["GAP_FLOOR", "POSITIVE_RTOL", "LinearPlan", "plan_linear", "cat_linear_bases", "cat_linear_bases_from_rows",
+           "conflict_matrices_from_grams", "conflict_matrices_from_rows", "top_with_gap", "gap_flags",
+           "low_rank_bases", "positive_directions", "linear_group_bases"]
+
+# --------------------------------------------------------------------------------------------------------------
+# G_k of one layer, for every task. Pure functions of stacked (K, ...) arrays.
+# --------------------------------------------------------------------------------------------------------------
+
+def _others_weight(k: jax.Array, num_tasks: int, dtype: Any) -> jax.Array:
+    """``(K,)``: 1 for every task i ≠ k, 0 for k."""
+    return (jnp.arange(num_tasks) != k).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("c",))
+def cat_linear_bases(task_vectors: jax.Array, grams: jax.Array, *, lam: float | jax.Array, c: int) -> jax.Array:
+    """Removal bases of one linear layer for every task.
+
+    Args:
+      task_vectors: ``(K, in, out)`` task vectors ``T_i`` of the layer.
+      grams: ``(K, in, in)`` input Grams ``A_k = X_kᵀ X_k`` of each task's exemplars.
+      lam: λ ≥ 0, weight of the knowledge-preservation term.
+      c: number of basis vectors (static), ``0 <= c <= out``.
+    Returns:
+      ``(K, out, c)``: ``B_k`` with orthonormal columns, the eigenvectors of
+      ``G_k = Σ_{i≠k} T_iᵀ (A_k − λ A_i) T_i`` for its c largest eigenvalues (paper eq. 11).
+    """
+    return top_with_gap(conflict_matrices_from_grams(task_vectors, grams, lam), c)[0]
+
+
+GAP_FLOOR = 32.0
+"""An eigengap ``θ_c − θ_{c+1}`` below ``GAP_FLOOR · eps · ‖G‖`` cannot be resolved in the working precision: the
+top-c subspace is then decided by rounding (warned about; ``precision="float64"`` resolves it)."""
+
+POSITIVE_RTOL = 100.0 * float(np.finfo(np.float32).eps)
+"""A direction counts as positive (worth removing) when its eigenvalue exceeds ``POSITIVE_RTOL`` times
+``Σ_{i≠k} ‖X_k T_i‖² + λ‖X_i T_i‖²`` (an upper bound of ‖G_k‖). Exemplar statistics are stored in float32, whose
+rounding makes a rank-deficient Gram slightly indefinite (eigenvalues ≈ 1e-7·‖G‖ either side of 0): 100 float32
+epsilons keeps such noise from counting, also when the merge itself runs in float64."""
+
+
+def gap_flags(values_desc: jax.Array, c: int) -> jax.Array:
+    """``(...,)`` True where the c-th eigenvalue is positive and its gap to the next one is unresolvable.
+
+    ``values_desc``: ``(..., m)`` eigenvalues in decreasing order (m ≥ c; with m == c there is no next one).
+    """
+    if c == 0 or values_desc.shape[-1] <= c:
+        return jnp.zeros(values_desc.shape[:-1], bool)
+    eps = jnp.finfo(values_desc.dtype).eps
+    scale = jnp.max(jnp.abs(values_desc), axis=-1)
+    theta_c, theta_next = values_desc[..., c - 1], values_desc[..., c]
+    return (theta_c > GAP_FLOOR * eps * scale) & (theta_c - theta_next <= GAP_FLOOR * eps * scale)
+
+
+def top_with_gap(matrix: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
+    """Top-c eigenvectors by ``eigh`` ``(..., n, c)`` and the unresolvable-gap flags ``(...,)``."""
+    if c == 0:
+        return jnp.zeros(matrix.shape[:-1] + (0,), matrix.dtype), jnp.zeros(matrix.shape[:-2], bool)
+    values, vectors = jnp.linalg.eigh(matrix, symmetrize_input=True)
+    return vectors[..., ::-1][..., :c], gap_flags(values[..., ::-1], c)
+
+
+def conflict_matrices_from_grams(task_vectors: jax.Array, grams: jax.Array, lam: Any) -> jax.Array:
+    num_tasks = task_vectors.shape[0]
+    # own[i] = T_iᵀ A_i T_i, the knowledge-preservation term of each task.
+    own = jnp.einsum("iab,iac,icd->ibd", task_vectors, grams, task_vectors)
+    own_total = own.sum(0)
+
+    def one(k, gram_k):
+        w = _others_weight(k, num_tasks, task_vectors.dtype)
+        conflict = jnp.einsum("iab,ac,icd,i->bd", task_vectors, gram_k, task_vectors, w)
+        return conflict - lam * (own_total - own[k])
+
+    return jax.vmap(one)(jnp.arange(num_tasks), grams)
+
+
+@functools.partial(jax.jit, static_argnames=("c",))
+def cat_linear_bases_from_rows(task_vectors: jax.Array, rows: jax.Array, *, lam: float | jax.Array,
+                               c: int) -> jax.Array:
+    """:func:`cat_linear_bases` from the feature rows instead of their Grams (cheaper when ``n < in``).
+
+    With ``Y_ki = X_k T_i`` (``n × out``), ``G_k = Σ_{i≠k} Y_kiᵀY_ki − λ Y_iiᵀY_ii = Z_kᵀ D Z_k`` where ``Z_k``
+    stacks those ``m = 2(K−1)n`` rows and ``D = diag(1, …, −λ, …)``. When ``m + c < out`` the top-c eigenvectors
+    are found exactly in the small invariant subspace ``range(Z_kᵀ)`` (plus c directions of the null space,
+    which hold the eigenvalue 0 when fewer than c eigenvalues are positive): a thin QR and an
+    ``(m + c)``-square ``eigh`` instead of an ``out``-square one. Otherwise ``G_k`` is formed and solved densely.
+
+    Args:
+      task_vectors: ``(K, in, out)``.
+      rows: ``(K, n, in)`` feature rows ``X_k``; tasks with fewer rows are zero-padded (zero rows add nothing).
+    Returns:
+      ``(K, out, c)``, the same bases as from ``A_k = X_kᵀX_k``.
+    """
+    return rows_bases_with_gap(task_vectors, rows, lam, c)[0]
+
+
+def rows_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):
+    num_tasks, n = rows.shape[0], rows.shape[1]
+    out = task_vectors.shape[-1]
+    if 2 * (num_tasks - 1) * n + c < out:
+        return low_rank_bases_with_gap(task_vectors, rows, lam, c)
+    return top_with_gap(conflict_matrices_from_rows(task_vectors, rows, lam), c)
+
+
+def low_rank_bases(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int) -> jax.Array:
+    """Exact top-c eigenvectors of every ``G_k = Z_kᵀ D Z_k`` inside ``range(Z_kᵀ)`` plus c null directions."""
+    return low_rank_bases_with_gap(task_vectors, rows, lam, c)[0]
+
+
+def low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):
+    num_tasks, n = rows.shape[0], rows.shape[1]
+    out = task_vectors.shape[-1]
+    y = jnp.einsum("kna,iab->kinb", rows, task_vectors)  # Y[k, i] = X_k T_i
+    own = jnp.einsum("iinb->inb", y)  # Y_ii
+    # c extra rows of weight 0 make the factored subspace contain c null-space directions of G_k, so the
+    # eigenvalue 0 is represented whenever it belongs to the top c. Fixed, so results are deterministic.
+    extra = jax.random.normal(jax.random.key(0), (c, out), task_vectors.dtype)
+
+    def one(k, y_k):
+        others = jnp.arange(num_tasks) != k
+        # Rows of task k itself get weight 0 (both terms exclude i = k).
+        w_conflict = jnp.repeat(others.astype(y.dtype), n)
+        w_own = -lam * w_conflict
+        z = jnp.concatenate([y_k.reshape(-1, out), own.reshape(-1, out), extra])
+        d = jnp.concatenate([w_conflict, w_own, jnp.zeros((c,), y.dtype)])
+        q, r = jnp.linalg.qr(z.T)  # (out, m), (m, m)
+        small = (r * d[None, :]) @ r.T
+        values, v = jnp.linalg.eigh(small, symmetrize_input=True)
+        return q @ v[:, ::-1][:, :c], gap_flags(values[::-1], c)
+
+    if c == 0:
+        return jnp.zeros((num_tasks, out, 0), task_vectors.dtype), jnp.zeros((num_tasks,), bool)
+    return jax.vmap(one)(jnp.arange(num_tasks), y)
+
+
+@functools.partial(jax.jit, static_argnames=("form",))
+def positive_directions(task_vectors: jax.Array, data: jax.Array, bases: jax.Array, *, lam: float | jax.Array,
+                        form: str) -> jax.Array:
+    """The bases with every direction whose eigenvalue of ``G_k`` is not positive zeroed (inert).
+
+    Removing ``b`` from every ``T_i`` (i ≠ k) changes the paper's objective (eq. 10) by exactly ``bᵀ G_k b``, so a
+    direction with eigenvalue ≤ 0 cannot lower it; when ``G_k`` has fewer than c positive eigenvalues (few
+    exemplar rows, small K) such columns are arbitrary null-space directions that depend on the solver. A column
+    is kept when ``bᵀG_kb > POSITIVE_RTOL · Σ_{i≠k} (‖X_kT_i‖² + λ‖X_iT_i‖²)``.
+
+    Args:
+      task_vectors: ``(K, in, out)``.
+      data: ``(K, n, in)`` rows (``form="rows"``) or ``(K, in, in)`` Grams (``form="gram"``).
+      bases: ``(K, out, c)``.
+    Returns:
+      ``(K, out, c)``.
+    """
+    num_tasks = task_vectors.shape[0]
+    tb = jnp.einsum("iab,kbc->kiac", task_vectors, bases)  # T_i B_k
+    if form == "rows":
+        y_cross = jnp.einsum("kna,kiac->kinc", data, tb)  # X_k T_i B_k
+        y_own = jnp.einsum("ina,kiac->kinc", data, tb)  # X_i T_i B_k
+        cross, own = jnp.sum(y_cross ** 2, axis=2), jnp.sum(y_own ** 2, axis=2)  # (k, i, c)
+        fro_cross = jnp.einsum("kna,iab->kinb", data, task_vectors)
+        fro_cross = jnp.sum(fro_cross ** 2, axis=(2, 3))  # ‖X_k T_i‖² (k, i)
+    else:
+        cross = jnp.einsum("kiac,kab,kibc->kic", tb, data, tb)  # (T_iB_k)ᵀ A_k (T_iB_k)
+        own = jnp.einsum("kiac,iab,kibc->kic", tb, data, tb)  # (T_iB_k)ᵀ A_i (T_iB_k)
+        fro_cross = jnp.einsum("kab,iab->ki", data, jnp.einsum("iac,ibc->iab", task_vectors, task_vectors))
+    others = (jnp.arange(num_tasks)[:, None] != jnp.arange(num_tasks)[None, :]).astype(bases.dtype)  # (k, i)
+    fro_own = jnp.diagonal(fro_cross)  # ‖X_i T_i‖²
+    value = jnp.einsum("ki,kic->kc", others, cross - lam * own)
+    bound = jnp.einsum("ki,ki->k", others, fro_cross + lam * fro_own[None, :])
+    keep = value > POSITIVE_RTOL * bound[:, None]
+    return bases * keep[:, None, :].astype(bases.dtype)
+
+
+def symmetric_gram(z: jax.Array) -> jax.Array:
+    """``zᵀz`` for ``z (rows, d)``; for wide ``d`` from three of its four column blocks (¾ of the flops)."""
+    d = z.shape[-1]
+    if d < 1024:
+        return z.T @ z
+    h = d // 2
+    a, b = z[:, :h], z[:, h:]
+    upper = a.T @ b
+    return jnp.block([[a.T @ a, upper], [upper.T, b.T @ b]])
+
+
+def conflict_matrices_from_rows(task_vectors: jax.Array, rows: jax.Array, lam: Any) -> jax.Array:
+    num_tasks, out = task_vectors.shape[0], task_vectors.shape[-1]
+    # Y[k, i] = X_k T_i  (K, K, n, out): the outputs each task-i edit causes on task k's exemplars.
+    y = jnp.einsum("kna,iab->kinb", rows, task_vectors)
+    own = jnp.einsum("iinb->inb", y)  # Y_ii
+    own_total = symmetric_gram(own.reshape(-1, out))  # Σ_i Y_iiᵀ Y_ii
+
+    def one(k):
+        # Σ_{i≠k} Y_kiᵀ Y_ki as ONE ((K−1)·n)-deep product over the other tasks' blocks: a single large GEMM runs
+        # several times faster on CPU than K − 1 separate n-deep ones (measured 5.7× at out = 3072).
+        others = (k + 1 + jnp.arange(num_tasks - 1)) % num_tasks
+        y_k = jnp.take(y[k], others, axis=0).reshape(-1, out)
+        return symmetric_gram(y_k) - lam * (own_total - own[k].T @ own[k])
+
+    # lax.map: one (out, out) product in flight at a time instead of K.
+    return jax.lax.map(one, jnp.arange(num_tasks))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The plan and a group of same-shape layers (L, K, ...) solved in one call.
+# --------------------------------------------------------------------------------------------------------------
+
+THIN_PRODUCT_PENALTY = 4.0
+
+
+class LinearPlan(NamedTuple):
+    """How one group of linear layers is solved (all static).
+
+    form: ``"gram"`` or ``"rows"`` — what the statistics are given as.
+    strategy: ``"explicit"`` (build ``G_k``), ``"matrix_free"`` (rows only, Krylov on ``Zᵀ D Z``) or
+      ``"low_rank"`` (rows only, exact small eigenproblem in ``range(Zᵀ)``).
+    solver: ``"eigh"`` or ``"iterative"``.
+    flops: estimated flops per layer.
+    """
+
+    form: str
+    strategy: str
+    solver: str
+    flops: float
+
+
+def plan_linear(num_tasks: int, fan_in: int, fan_out: int, c: int, *, rows: int | None,
+                solver: str = "auto", strategy: str = "auto") -> LinearPlan:
+    """The cheapest way (by flop count) to get the bases of one ``(in, out)`` layer with K tasks.
+
+    Args:
+      rows: rows per task when the statistics are stored as rows (``None``: Grams only).
+      solver: ``"auto"``, ``"eigh"`` or ``"iterative"``.
+      strategy: ``"auto"``, ``"explicit"``, ``"matrix_free"`` or ``"low_rank"`` (both need rows; low_rank is
+        exact and possible when ``2(K−1)·rows + c < out``).
+    """
+    k, a, b = num_tasks, fan_in, fan_out
+    candidates = []
+    gram_build = k * k * (2.0 * a * a * b + 2.0 * a * b * b)
+    rows_y = None if rows is None else k * k * 2.0 * rows * a * b
+    builds = [("gram", gram_build)] + ([] if rows is None else [("rows", rows_y + k * k * 2.0 * rows * b * b)])
+    if strategy in ("auto", "explicit"):
+        for form, build in builds:
+            for s in (("eigh", "iterative") if solver == "auto" else (solver,)):
+                if s == "iterative" and choose_solver(b, max(c, 1)) == "eigh" and solver == "auto":
+                    continue
+                cfg = krylov_config(max(c, 1), b)
+                solve = eigh_flops(b) if s == "eigh" else krylov_flops(b, cfg)
+                candidates.append(LinearPlan(form, "explicit", s, build + k * solve))
+    if rows is not None and strategy in ("auto", "matrix_free") and solver != "eigh" and c > 0:
+        # Thin (p-column) products stream the whole operator per Krylov step: memory-bound, several times less
+        # efficient per flop than the fat GEMMs that build G_k (measured ≈ 4–5× on CPU for 768 → 3072, K = 8).
+        per_col = THIN_PRODUCT_PENALTY * 8.0 * k * rows * b
+        cfg = krylov_config(c, b)
+        if strategy == "matrix_free" or (cfg.block * (cfg.steps + 1) < b // 2 and b >= MIN_ITERATIVE_N):
+            candidates.append(LinearPlan("rows", "matrix_free", "iterative",
+                                         rows_y + k * krylov_flops(b, cfg, per_col)))
+    if rows is not None and strategy in ("auto", "low_rank") and 2 * (k - 1) * rows + c < b:
+        # exact: eigenvectors of G_k = Zᵀ D Z inside range(Zᵀ) plus c null directions (low_rank_bases)
+        m = 2 * (k - 1) * rows + c
+        candidates.append(LinearPlan("rows", "low_rank", "eigh", rows_y + k * (4.0 * b * m * m + eigh_flops(m))))
+    if not candidates:
+        raise ValueError(f"no way to solve a ({a}, {b}) layer with strategy={strategy!r}, solver={solver!r}, "
+                         f"rows={rows}")
+    return min(candidates, key=lambda p: p.flops)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One group: (L, K, in, out) task vectors, (L, K, n, in) rows or (L, K, in, in) Grams.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _rows_operator(y: jax.Array, k: jax.Array, lam: Any) -> tuple[jax.Array, jax.Array]:
+    """``(Z (2K·n, out), s (2K·n,))`` with ``G_k = Zᵀ diag(s) Z`` from ``y[k, i] = X_k T_i`` (K, K, n, out)."""
+    num_tasks, _, n, out = y.shape
+    others = (jnp.arange(num_tasks) != k).astype(y.dtype)
+    own = jnp.einsum("iinb->inb", y)
+    z = jnp.concatenate([y[k], own]).reshape(2 * num_tasks * n, out)
+    s = jnp.repeat(jnp.concatenate([others, -lam * others]), n)
+    return z, s
+
+
+@functools.partial(jax.jit, static_argnames=("c", "plan", "batch_mode", "min_gap"))
+def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: LinearPlan, batch_mode: str = "auto",
+                 min_gap: float | None = None):
+    """``(bases (L, K, out, c), converged (L, K), unresolved (L, K))`` for one group (non-converged entries still
+    to be fixed; ``unresolved``: the top-c eigengap is below the working precision's resolution)."""
+    num_tasks, out = tvs.shape[1], tvs.shape[-1]
+    config = krylov_config(c, out) if min_gap is None else krylov_config(c, out, min_gap=min_gap)
+
+    def krylov_unresolved(res):
+        floor = GAP_FLOOR * jnp.finfo(res.values.dtype).eps * res.scale
+        return (res.values[..., c - 1] > floor) & (res.gap <= floor)
+
+    if plan.strategy == "low_rank":
+        bases, unresolved = jax.vmap(lambda t, rows: low_rank_bases_with_gap(t, rows, lam, c))(tvs, data)
+        return bases, jnp.ones(bases.shape[:2], bool), unresolved
+
+    if plan.strategy == "matrix_free":
+        def layer(t, rows):
+            y = jnp.einsum("kna,iab->kinb", rows, t)
+
+            def task(k):
+                z, s = _rows_operator(y, k, lam)
+                return block_krylov_top(lambda v: z.T @ (s[:, None] * (z @ v)), c, n=out, config=config)
+
+            res = map_batch(task, jnp.arange(num_tasks), mode=batch_mode)
+            return res.vectors, res.converged, krylov_unresolved(res)
+
+        return map_batch(lambda args: layer(*args), (tvs, data), mode=batch_mode)
+
+    build = conflict_matrices_from_rows if plan.form == "rows" else conflict_matrices_from_grams
+    g = jax.vmap(lambda t, d: build(t, d, lam))(tvs, data)  # (L, K, out, out)
+    if plan.solver == "eigh":
+        bases, unresolved = top_with_gap(g, c)
+        return bases, jnp.ones(g.shape[:2], bool), unresolved
+    flat = g.reshape((-1,) + g.shape[2:])
+    res = map_batch(lambda m: block_krylov_top(m, c, config=config), flat, mode=batch_mode)
+    return (res.vectors.reshape(g.shape[:2] + res.vectors.shape[1:]), res.converged.reshape(g.shape[:2]),
+            krylov_unresolved(res).reshape(g.shape[:2]))
+
+
+def _conflict_one(t: jax.Array, d: jax.Array, k: jax.Array, lam: Any, form: str) -> jax.Array:
+    """``G_k`` (out, out) of one layer for one task only (the fallback needs no other task's matrix)."""
+    num_tasks = t.shape[0]
+    others = (jnp.arange(num_tasks) != k).astype(t.dtype)
+    if form == "rows":
+        y = jnp.einsum("kna,iab->kinb", d, t)
+        z, s = _rows_operator(y, k, lam)
+        return z.T @ (s[:, None] * z)
+    # Σ_{i≠k} T_iᵀ (A_k − λ A_i) T_i, one task-weighted Gram per i.
+    mixed = d[k][None] - lam * d  # (K, in, in)
+    return jnp.einsum("iab,iac,icd,i->bd", t, mixed, t, others)
+
+
+@functools.partial(jax.jit, static_argnames=("c", "form"))
+def _fallback_bases(tvs: jax.Array, data: jax.Array, tasks: jax.Array, lam: Any, *, c: int, form: str):
+    """Eigh bases of ``G_k`` for the (layer, task) pairs given by ``tvs``/``data`` (M, K, ...) and ``tasks`` (M,)."""
+    return jax.lax.map(lambda args: eigh_top(_conflict_one(*args, lam, form), c), (tvs, data, tasks))
+
+
+def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, plan: LinearPlan,
+                       valid_layers: int | None = None, batch_mode: str = "auto",
+                       counts: dict | None = None, min_gap: float | None = None,
+                       strict_top_c: bool = False) -> jax.Array:
+    """Removal bases ``(L, K, out, c)`` of a group of L same-shape linear layers.
+
+    Args:
+      tvs: ``(L, K, in, out)`` task vectors.
+      data: ``(L, K, n, in)`` rows (``plan.form == "rows"``) or ``(L, K, in, in)`` Grams.
+      plan: from :func:`plan_linear`.
+      valid_layers: only the first this many layers are real (the rest is padding, never sent to eigh).
+      batch_mode: ``"auto"``/``"vmap"``/``"map"`` for the iterative solves (:func:`catmerge_jax.linalg.map_batch`).
+      counts: if a dict, ``"solves"`` and ``"fallbacks"`` (eigh re-solves) are added to it.
+      min_gap: overrides :class:`catmerge_jax.linalg.KrylovConfig`'s ``min_gap`` (default 0: accept every
+        subspace that converged to the working-precision floor with a resolvable gap; e.g. 1e-3 also defers
+        near-tied matrices to eigh, reproducing the plain path's tie-breaking at eigh's cost).
+      strict_top_c: keep every top-c direction even with eigenvalue ≤ 0 (default: :func:`positive_directions`).
+    Returns:
+      The bases; every (layer, task) whose iterative solve did not converge is recomputed with eigh. When
+      ``counts`` is a dict, ``counts["unresolved"]`` collects the ``(layer, task)`` pairs whose eigengap is below the
+      working precision's resolution (concrete inputs only).
+    """
+    if c == 0:
+        return jnp.zeros(tvs.shape[:2] + (tvs.shape[-1], 0), tvs.dtype)
+    bases, converged, unresolved = _group_bases(tvs, data, lam, c=c, plan=plan, batch_mode=batch_mode,
+                                                min_gap=min_gap)
+    real = tvs.shape[0] if valid_layers is None else valid_layers
+    if counts is not None and is_concrete(unresolved):
+        counts.setdefault("unresolved", []).extend(
+            (int(a), int(b)) for a, b in np.argwhere(np.asarray(gather(unresolved))) if a < real)
+    if counts is not None:
+        counts["solves"] = counts.get("solves", 0) + real * tvs.shape[1]
+    if plan.solver != "eigh":  # eigh solves are exact: nothing to check or redo
+        if not is_concrete(converged):
+            raise ValueError("solver='iterative' decides its eigh fallbacks on the host and needs concrete inputs; "
+                             "under jax.jit/vmap/grad use solver='eigh' (the default there)")
+        bad = np.argwhere(~np.asarray(gather(converged)))
+        bad = bad[bad[:, 0] < real]
+        if counts is not None:
+            counts["fallbacks"] = counts.get("fallbacks", 0) + len(bad)
+        if len(bad):
+            layers, tasks = bad[:, 0], bad[:, 1]
+            fixed = _fallback_bases(tvs[layers], data[layers], jnp.asarray(tasks), lam, c=c, form=plan.form)
+            bases = bases.at[layers, tasks].set(fixed)
+    # once, on the final bases (fallbacks included)
+    return bases if strict_top_c else _positive(tvs, data, bases, lam, form=plan.form)
+
+
+@functools.partial(jax.jit, static_argnames=("form",))
+def _positive(tvs: jax.Array, data: jax.Array, bases: jax.Array, lam: Any, *, form: str) -> jax.Array:
+    """:func:`catmerge_jax.positive_directions` for every layer of a group ``(L, K, ...)``."""
+    return jax.vmap(lambda t, d, b: positive_directions(t, d, b, lam=lam, form=form))(tvs, data, bases)
