@@ -586,22 +586,23 @@ def write_seed_results(agg: Mapping, out_dir: str, command: str) -> None:
           f"seeds. Every method's alpha is chosen on validation from the same grid "
           f"{tuple(cfg['alphas'])}, jointly with its own knob where it has one (TIES k ∈ {tuple(cfg['ties_k'])}; "
           f"Iso-CTS common_fraction ∈ (0.8, 0.5); CAT (λ, c on val): λ ∈ {tuple(cfg['lam_sweep'])} at c = "
-          f"{cfg['c']} and c ∈ {tuple(cfg['c_sweep'])} at λ = {cfg['lam']:g}). CAT, RegMean, LOT and the "
-          f"cat_trim rows use {cfg['exemplars']} unlabeled training exemplars per task; Fisher and TATR "
-          f"{cfg['fisher_examples']} labelled ones. \"Δ avg vs cat (paired)\" is the per-seed difference of the "
+          f"{cfg['c']} and c ∈ {tuple(cfg['c_sweep'])} at λ = {cfg['lam']:g}). Methods that read exemplars (CAT, "
+          f"RegMean, LOT, the cat_trim rows) use {cfg['exemplars']} unlabeled training exemplars per task; Fisher "
+          f"and TATR, when run, {cfg['fisher_examples']} labelled ones. \"Δ avg vs cat (paired)\" is the per-seed difference of the "
           "average to CAT's (same checkpoints), mean ± std. \"merge s\" is the mean wall time of one merge call "
           "(the first call of a method includes XLA compilation; AdaMerging: its whole optimization) on the shared "
           "2-core machine.", "",
           f"Total wall time {agg['wall_seconds'] / 60:.1f} min.", "",
-          "## Main table (test accuracy, %)", "", seeds_table(agg), "",
-          "## What the AdaMerging rows saw", "",
-          f"Both rows learn layer-wise coefficients (init 0.3, clipped to [0, 1], Adam lr 1e-3, "
-          f"{cfg['adamerging_steps']} steps) by minimizing the summed prediction entropy of every task's head on "
-          f"the UNLABELED validation inputs of all {len(agg['tasks'])} tasks ({cfg['adamerging_batch']} sequences "
-          "per task per step, cycled through the validation split; labels never read; test inputs never seen). "
-          f"\"AdaMerging\" starts from the plain task vectors, \"CAT + AdaMerging\" from CAT's trimmed ones "
-          f"(λ = {cfg['lam']:g}, c = {cfg['c']}). No alpha grid: the coefficients are the learned scale.", "",
-          "## Chosen hyperparameters per seed", ""] + hp_lines + [""]
+          "## Main table (test accuracy, %)", "", seeds_table(agg), ""]
+    if "AdaMerging" in agg["rows"]:
+        md += ["## What the AdaMerging rows saw", "",
+               f"Both rows learn layer-wise coefficients (init 0.3, clipped to [0, 1], Adam lr 1e-3, "
+               f"{cfg['adamerging_steps']} steps) by minimizing the summed prediction entropy of every task's head on "
+               f"the UNLABELED validation inputs of all {len(agg['tasks'])} tasks ({cfg['adamerging_batch']} sequences "
+               "per task per step, cycled through the validation split; labels never read; test inputs never seen). "
+               f"\"AdaMerging\" starts from the plain task vectors, \"CAT + AdaMerging\" from CAT's trimmed ones "
+               f"(λ = {cfg['lam']:g}, c = {cfg['c']}). No alpha grid: the coefficients are the learned scale.", ""]
+    md += ["## Chosen hyperparameters per seed", ""] + hp_lines + [""]
     _write_text_atomic(os.path.join(out_dir, "RESULTS_SEEDS.md"), "\n".join(md) + "\n")
 
 
