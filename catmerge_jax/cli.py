@@ -19,6 +19,7 @@ both after removing the run's temporary folder. What ``--out`` may be is checked
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import ast
 import contextlib
@@ -26,6 +27,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from typing import Any, Sequence
 
 import catmerge_jax.methods  # noqa: F401 — importing the package registers every method
@@ -186,16 +188,41 @@ def _on_sigterm(signum, frame):
     raise Terminated(signum)
 
 
+def _redeliver_interrupts(hook):
+    """A ``sys.unraisablehook`` that re-sends a SIGTERM/SIGINT whose exception was swallowed.
+
+    Python runs signal handlers between bytecodes, also inside gc callbacks (jax installs one), where an exception
+    is only reported as "ignored": the signal would be lost and the merge would run on and publish its result.
+    Sending it again to the main thread (if that lands in a callback again, it comes back here) raises it in
+    ordinary code.
+    """
+
+    def resend(signum):
+        time.sleep(0.01)  # from another thread, a little later: the main thread has left the callback by then
+        _thread.interrupt_main(signum)
+
+    def handle(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):  # Terminated is one too
+            signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            threading.Thread(target=resend, args=(signum,), daemon=True).start()
+            return
+        hook(unraisable)
+
+    return handle
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupts(sys.unraisablehook)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -671,3 +671,34 @@ def test_failed_run_removes_the_parents_it_created(env, capsys, tmp_path):
     rc, _, err = _run(capsys, _merge(env, out))
     assert rc == 0, err
     assert sorted(os.listdir(out.parent)) == ["out"]
+
+
+def test_a_sigterm_swallowed_inside_a_gc_callback_still_stops_the_run():
+    """A signal handled while Python runs a gc callback (jax installs one) raises inside it, where the exception is
+    only reported as "ignored": without a second delivery the merge ran on and exited 0 (seen in CI)."""
+    import gc
+    import time as _time
+
+    from catmerge_jax import cli
+
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs between these bytecodes, inside the callback
+                pass
+
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(cli.Terminated):
+            with cli._sigterm_as_interrupt():
+                gc.collect()
+                deadline = _time.monotonic() + 10
+                while _time.monotonic() < deadline:
+                    sum(range(100))
+    finally:
+        gc.callbacks.remove(callback)
+    assert fired and signal.getsignal(signal.SIGTERM) is not cli._on_sigterm   # handler and hook restored
+    assert sys.unraisablehook is not None and "redeliver" not in getattr(sys.unraisablehook, "__qualname__", "")
