@@ -7,14 +7,21 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# XLA:CPU's multi-threaded Eigen pool can wedge (all threads parked, the caller waiting forever on a result) on
-# small machines; it hung this suite on 2 cores (PyAutoFit#1528 measured the same and this flag as the cure).
-# Set before jax is imported; subprocesses started by tests inherit it.
+# Single-threaded Eigen (XLA:CPU's matmuls): two xdist workers already fill the 2 CI cores, and it is the cure
+# PyAutoFit#1528 found for a similar pool wedge. Alone it did not stop ours (below). Set before jax starts its
+# backend; subprocesses started by tests inherit it.
 if "--xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax
 import pytest
+
+# The hang behind those 0%-CPU stalls, seen with gdb: both of XLA:CPU's 2 pool threads inside jaxlib's LAPACK
+# ParallelBatchMap (batched QR/eigh), each waiting for sub-tasks that need a free pool thread. Two such calls run at
+# once when computations overlap through asynchronous dispatch; running each computation inline on the calling
+# thread (tests and their subprocesses: no overlap, and a free pool for the sub-tasks) stopped it in the reproducer.
+os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 @contextlib.contextmanager

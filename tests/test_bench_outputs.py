@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 from experiments import bench_merge, bench_streaming
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _read(folder, mode):
@@ -18,12 +23,31 @@ def _read(folder, mode):
     return data, log
 
 
-def test_bench_merge_writes_its_table(tmp_path, capsys):
+def _run_script(argv, folder, attempts=2, timeout=300):
+    """``python experiments/bench_merge.py ARGV`` in a subprocess, run again once if it hangs.
+
+    jaxlib 0.10's CPU LAPACK kernels can deadlock on a 2-core machine (gdb: both XLA:CPU pool threads inside
+    ``ParallelBatchMap``, each waiting for sub-tasks only the other could run; about 1 run in 3 of this script, in any
+    process). A hang is an upstream defect this test cannot fix; what it checks is the script's output files.
+    """
+    for attempt in range(attempts):
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            proc = subprocess.run([sys.executable, os.path.join("experiments", "bench_merge.py"), *argv], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if attempt == attempts - 1:
+                raise
+            continue
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+
+def test_bench_merge_writes_its_table(tmp_path):
     folder = str(tmp_path / "r")
     argv = ["--quick", "--skip-torch", "--check-eigh", "--tasks", "2", "--blocks", "1", "--solver", "eigh",
             "--results", folder]
-    assert bench_merge.main(argv) == 0
-    printed = capsys.readouterr().out
+    printed = _run_script(argv, folder)
     data, log = _read(folder, "quick_blocks1_jax")
     assert data["command"] == "python experiments/bench_merge.py " + " ".join(argv)
     assert data["machine"]["cpus"] == os.cpu_count() and data["shape"]["blocks"] == 1
