@@ -18,8 +18,8 @@ import pytest
 
 # The hang behind those 0%-CPU stalls, seen with gdb: both of XLA:CPU's 2 pool threads inside jaxlib's LAPACK
 # ParallelBatchMap (batched QR/eigh), each waiting for sub-tasks that need a free pool thread. Two such calls run at
-# once when computations overlap through asynchronous dispatch; running each computation inline on the calling
-# thread (tests and their subprocesses: no overlap, and a free pool for the sub-tasks) stopped it in the reproducer.
+# once when computations overlap; running each computation inline on the calling thread (tests and their
+# subprocesses) made it rarer in a reproducer but did not end it (see tests/test_bench_outputs.py's _run_script).
 os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
