@@ -245,6 +245,16 @@ def accuracy(functions: Functions, backbone: PyTree, head: PyTree, data: tuple) 
     return float(np.mean(np.asarray(jnp.argmax(z, -1)) == labels))
 
 
+def mean_loss(functions: Functions, backbone: PyTree, head: PyTree, data: tuple) -> float:
+    """Mean cross-entropy of the head on ``data = (ids, mask, types, labels)``: it separates backbones whose
+    accuracy on a few sentences is the same (the confidence of the right class, not only whether it wins)."""
+    import optax
+
+    ids, mask, types, labels = data
+    z = functions.logits(backbone, head, ids, mask, types)
+    return float(optax.softmax_cross_entropy_with_integer_labels(z, jnp.asarray(labels)).mean())
+
+
 def removed_share(pretrained: PyTree, finetuned: Sequence[PyTree], trimmed: Sequence[PyTree]) -> list[float]:
     """Per task, ``Σ‖T_k − T̃_k‖² / Σ‖T_k‖²`` over the LINEAR leaves: the share of its linear update CAT removes
     (``trimmed``: :func:`catmerge_jax.cat_trim`'s output)."""
@@ -362,14 +372,15 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
         backbones = {"pretrained": base.params}
         backbones.update({m: pipeline.load_checkpoint(d).params for m, d in merged_dirs.items()})
         table: dict[str, dict[str, float]] = {}
+        losses: dict[str, dict[str, float]] = {}
         for name, backbone in zip(settings.tasks, finetuned):
             test = data[name]["test"]
-            row = {"pretrained": accuracy(functions, backbones["pretrained"], heads[name], test),
-                   "individual": accuracy(functions, backbone, heads[name], test)}
-            row.update({m: accuracy(functions, backbones[m], heads[name], test) for m in settings.methods})
-            table[name] = row
+            columns = {"pretrained": backbones["pretrained"], "individual": backbone,
+                       **{m: backbones[m] for m in settings.methods}}
+            table[name] = {c: accuracy(functions, b, heads[name], test) for c, b in columns.items()}
+            losses[name] = {c: mean_loss(functions, b, heads[name], test) for c, b in columns.items()}
         lap("evaluate")
-        report = {"accuracy": table, "removed": removed, "settings": dataclasses.asdict(settings),
+        report = {"accuracy": table, "loss": losses, "removed": removed, "settings": dataclasses.asdict(settings),
                   "seconds": seconds,
                   "folders": {"root": root if keep else None, "tasks": task_dirs if keep else None,
                               "merged": merged_dirs if keep else None}}
@@ -381,6 +392,8 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
                         f"{settings.exemplars_per_task} unlabeled training sentences per task"}.get(m, m)
                 for m in settings.methods))
             say(format_report(table, n_test))
+            say(format_report(losses, n_test, what="cross-entropy (lower is better; it tells merges apart when "
+                                                    "accuracy on a few sentences ties)", digits=3))
             if removed:
                 say("CAT removed, of each task vector's linear-layer update (Σ‖T − T̃‖² / Σ‖T‖²): "
                     + ", ".join(f"{t} {100 * v:.1f}%" for t, v in removed.items()))
@@ -399,16 +412,17 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
             shutil.rmtree(root, ignore_errors=True)
 
 
-def format_report(table: Mapping[str, Mapping[str, float]], n_test: int | None = None) -> str:
-    """An accuracy table: one row per task, one column per backbone, and the mean."""
+def format_report(table: Mapping[str, Mapping[str, float]], n_test: int | None = None, *, what: str = "accuracy",
+                  digits: int = 2) -> str:
+    """A table of ``what``: one row per task, one column per backbone, and the mean."""
     columns = list(next(iter(table.values())))
     width = max(len(t) for t in table) + 2
-    what = f" ({n_test} sentences per task)" if n_test else ""
-    lines = [f"held-out accuracy of each task's head on each backbone{what}",
+    size = f" ({n_test} sentences per task)" if n_test else ""
+    lines = [f"held-out {what} of each task's head on each backbone{size}",
              f"{'task':<{width}}" + "".join(f"{c:>17}" for c in columns)]
     for task, row in table.items():
-        lines.append(f"{task:<{width}}" + "".join(f"{row[c]:>17.2f}" for c in columns))
-    lines.append(f"{'mean':<{width}}" + "".join(f"{np.mean([r[c] for r in table.values()]):>17.2f}"
+        lines.append(f"{task:<{width}}" + "".join(f"{row[c]:>17.{digits}f}" for c in columns))
+    lines.append(f"{'mean':<{width}}" + "".join(f"{np.mean([r[c] for r in table.values()]):>17.{digits}f}"
                                                 for c in columns))
     return "\n".join(lines)
 

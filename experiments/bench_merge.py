@@ -8,14 +8,15 @@ leaf).
 
     PYTHONPATH=. python experiments/bench_merge.py --model b32              # full ViT-B/32 shape
     PYTHONPATH=. python experiments/bench_merge.py --model l14 --blocks 1   # one ViT-L/14 block
+    PYTHONPATH=. python experiments/bench_merge.py --model minilm           # all-MiniLM-L6-v2 shapes, K = 3
     PYTHONPATH=. python experiments/bench_merge.py --solvers                # eigh vs block Krylov per size
     PYTHONPATH=. python experiments/bench_merge.py --quick --results ''     # smoke test, nothing written
 
 Every run writes what it printed to ``<results>/bench_<mode>.log`` and the numbers behind it (the command, the
 machine, settings, the table, agreement, solver counts) to ``<results>/bench_<mode>.json``, both atomically
 (``--results`` defaults to ``experiments/results``; ``''`` writes nothing). The mode names the run: ``b32``,
-``l14_blocks1``, ``solvers``, ``quick``, with ``_jax`` appended under ``--skip-torch``. The README's performance
-figures are read from those files.
+``l14_blocks1``, ``minilm``, ``solvers``, ``quick``, with ``_jax`` appended under ``--skip-torch``. The README's
+performance figures are read from those files.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def machine_info() -> dict:
     return info
 
 
-MODELS = {  # blocks, width, mlp, tokens per image, heads
+MODELS = {  # blocks, width, mlp, tokens per exemplar (image patches + class token, or a sentence), heads
     "b32": (12, 768, 3072, 50, 12),
     "l14": (24, 1024, 4096, 257, 16),
+    "minilm": (6, 384, 1536, 32, 12),  # all-MiniLM-L6-v2's encoder shapes; 32-token sentences
     "quick": (2, 128, 512, 16, 4),
 }
 
@@ -278,8 +280,8 @@ def run_mode(args) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=("b32", "l14"), default="b32")
-    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--model", choices=("b32", "l14", "minilm"), default="b32")
+    parser.add_argument("--tasks", type=int, default=None, help="K (default: 3 for minilm, 8 for the ViTs)")
     parser.add_argument("--exemplars", type=int, default=3)
     parser.add_argument("--blocks", type=int, default=None, help="limit the number of blocks (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke test)")
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
 
     blocks, width, mlp, tokens, heads = MODELS["quick" if args.quick else args.model]
     blocks = min(blocks, args.blocks) if args.blocks else blocks
-    num_tasks = args.tasks
+    num_tasks = args.tasks if args.tasks is not None else (3 if args.model == "minilm" and not args.quick else 8)
     name = "quick" if args.quick else args.model
     rec.data["shape"] = {"blocks": blocks, "width": width, "mlp": mlp, "tokens": tokens, "heads": heads}
     rec.say(f"model={name} blocks={blocks} width={width} mlp={mlp} tokens={tokens} K={num_tasks} "

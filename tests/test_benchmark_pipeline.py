@@ -217,7 +217,8 @@ def test_seed_aggregation_matches_numpy():
     """Mean ± sample std over seeds and the paired difference to CAT, against NumPy on made-up results."""
     def fake(seed, ta, cat):
         tests = {"task_arithmetic": ta, "cat": cat}
-        main = {m: {"test": acc, "summary": evaluate.summarize(acc, {"a": 0.9, "b": 0.8}), "hparams": {"alpha": 0.3},
+        main = {m: {"test": acc, "val": {t: a + 0.05 * seed for t, a in acc.items()},
+                    "summary": evaluate.summarize(acc, {"a": 0.9, "b": 0.8}), "hparams": {"alpha": 0.3},
                     "merge_seconds": 1.0 + seed} for m, acc in tests.items()}
         return {"tasks": {"a": {}, "b": {}}, "config": {}, "main": main, "individual": {"test": {"a": 0.9, "b": 0.8}},
                 "individual_summary": evaluate.summarize({"a": 0.9, "b": 0.8}, {"a": 0.9, "b": 0.8}),
@@ -237,5 +238,9 @@ def test_seed_aggregation_matches_numpy():
     assert row["minus_cat"]["mean"] == pytest.approx((ta_avg - cat_avg).mean(), abs=1e-12)
     assert row["minus_cat"]["std"] == pytest.approx((ta_avg - cat_avg).std(ddof=1), abs=1e-12)
     assert row["merge_seconds"]["mean"] == pytest.approx(2.0)
+    ta_val = ta_avg + 0.05 * np.arange(3)
+    assert row["val_average"]["mean"] == pytest.approx(ta_val.mean(), abs=1e-12)
+    assert row["val_average"]["std"] == pytest.approx(ta_val.std(ddof=1), abs=1e-12)
     table = run.seeds_table(agg)
+    assert f"| {100 * ta_val.mean():.1f} ± {100 * ta_val.std(ddof=1):.1f} |" in table
     assert f"**{100 * ta_avg.mean():.1f} ± {100 * ta_avg.std(ddof=1):.1f}**" in table

@@ -58,9 +58,10 @@ def _tiny_bert(folder):
     return folder
 
 
-def _torch_accuracy_table(base_dir, folders, settings):
+def _torch_accuracy_table(base_dir, folders, settings, losses=None):
     """The example's table recomputed with PyTorch/transformers from the written folders: each task's frozen head
-    is ``head_scale ×`` the base model's unit mean-pooled embeddings of its class descriptions."""
+    is ``head_scale ×`` the base model's unit mean-pooled embeddings of its class descriptions. With a dict
+    ``losses``, it also receives the held-out mean cross-entropy table (float64)."""
     import torch
     import transformers
 
@@ -83,11 +84,17 @@ def _torch_accuracy_table(base_dir, folders, settings):
         head = settings.head_scale * embed(base, TASKS[name]["descriptions"]).T
         negatives, positives = TASKS[name]["test"]
         labels = np.array([0] * len(negatives) + [1] * len(positives))
-        row = {}
+        row, loss_row = {}, {}
         for column, folder in folders(name).items():
             model = base if folder is None else load(folder).eval()
-            row[column] = float(np.mean(np.argmax(embed(model, negatives + positives) @ head, -1) == labels))
+            logits = embed(model, negatives + positives) @ head
+            row[column] = float(np.mean(np.argmax(logits, -1) == labels))
+            shifted = logits - logits.max(-1, keepdims=True)
+            log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            loss_row[column] = float(-np.mean(log_p[np.arange(len(labels)), labels]))
         table[name] = row
+        if losses is not None:
+            losses[name] = loss_row
     return table
 
 
@@ -121,12 +128,20 @@ def test_example_flow_on_a_tiny_bert(tmp_path, capsys):
     task_dir = dict(zip(settings.tasks, folders["tasks"]))
     columns = lambda name: {"pretrained": None, "individual": task_dir[name],  # noqa: E731
                             **{m: folders["merged"][m] for m in settings.methods}}
-    assert table == _torch_accuracy_table(base_dir, columns, settings)
+    losses = {}
+    assert table == _torch_accuracy_table(base_dir, columns, settings, losses)
+    # float32 forward in JAX vs float64 in PyTorch, logits scaled by head_scale = 20: 1e-4 relative is ~30×
+    # the float32 rounding of a 16-token, 2-layer forward
+    for name in settings.tasks:
+        np.testing.assert_allclose([report["loss"][name][c] for c in losses[name]], list(losses[name].values()),
+                                   rtol=1e-4, atol=1e-6)
     # CAT's removed shares, from the float64 reference bases
     shares = tr.removed_share(base_ckpt.params, [t.params for t in tasks], stats, lam=1.0, c=1)
     np.testing.assert_allclose([report["removed"][t] for t in settings.tasks], shares, rtol=1e-2)
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and "(20 sentences per task)" in printed
+    assert "held-out cross-entropy" in printed and f"{np.mean([r['cat'] for r in report['loss'].values()]):.3f}" \
+        in printed
     assert "CAT with alpha 0.3, λ 1, c 1, from 3 unlabeled training sentences per task" in printed
     assert "CAT removed" in printed and f"{settings.tasks[0]} {100 * report['removed'][settings.tasks[0]]:.1f}%" \
         in printed
@@ -181,7 +196,8 @@ def test_full_example_via_cli(tmp_path, capsys):
 
     assert main(["example", "--out", str(tmp_path / "ex"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out.splitlines()
+    accuracy_part = out.split("held-out cross-entropy")[0]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in accuracy_part.splitlines()
             if line.split() and line.split()[0] in (*TASKS, "mean")}
     assert set(rows) == {*TASKS, "mean"}
     pretrained, individual, task_arithmetic, cat = rows["mean"]

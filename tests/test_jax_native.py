@@ -128,10 +128,14 @@ def test_value_checks_run_eagerly_and_are_skipped_under_tracing():
 # cat_trim and combine
 
 
-def test_cat_trim_recombines_to_cat_merge_and_coefficient_gradients_are_exact(x64):
+@pytest.mark.parametrize("fast", [True, False], ids=["batched", "per_leaf"])
+def test_cat_trim_recombines_to_cat_merge_and_coefficient_gradients_are_exact(x64, fast):
     w0, fts, stats, raw = make_problem(seed=7)
-    trimmed = cm.cat_trim(w0, fts, stats, lam=5.0, c=2)
+    timings = {} if fast else None
+    trimmed = cm.cat_trim(w0, fts, stats, lam=5.0, c=2, fast=fast, timings=timings)
     assert len(trimmed) == 3
+    if fast:  # the batched path ran (it reports its linear groups)
+        assert timings["solves"] > 0 and timings["groups"]
     assert _tree_rel(cm.combine(w0, trimmed, 0.3), reference_merge(w0, fts, raw, alpha=0.3, lam=5.0, c=2)) < FEATURE_ROUNDING
 
     # layer-wise coefficients: ∂/∂λ[leaf][k] Σ w ⊙ merged = Σ w ⊙ T̃_k[leaf]

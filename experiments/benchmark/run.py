@@ -534,12 +534,15 @@ def aggregate_seeds(per_seed: Sequence[Mapping], seeds: Sequence[int]) -> dict:
         if any(t is None for t in tests):
             return None
         avg = [float(np.mean([t["test"][n] for n in names])) for t in tests]
+        val = [float(np.mean([t["val"][n] for n in names])) if t.get("val") else float("nan") for t in tests]
         return {"per_task": {n: stat([t["test"][n] for t in tests]) for n in names}, "average": stat(avg),
+                "val_average": stat(val),
                 "normalized": stat([t["summary"]["normalized"] for t in tests]),
                 "merge_seconds": stat([t.get("merge_seconds", 0.0) for t in tests]),
                 "hparams": [t.get("hparams", {}) for t in tests]}
 
-    rows = {"individual": row_of(lambda r: {"test": r["individual"]["test"], "summary": r["individual_summary"]}),
+    rows = {"individual": row_of(lambda r: {"test": r["individual"]["test"], "val": r["individual"].get("val"),
+                                            "summary": r["individual_summary"]}),
             "pretrained backbone": row_of(lambda r: {"test": r["pretrained_test"], "summary": r["pretrained_summary"]})}
     for m in first["main"]:
         rows[m] = row_of(lambda r, m=m: r["main"].get(m) if "test" in r["main"].get(m, {}) else None)
@@ -554,18 +557,20 @@ def aggregate_seeds(per_seed: Sequence[Mapping], seeds: Sequence[int]) -> dict:
 
 def seeds_table(agg: Mapping) -> str:
     names = agg["tasks"]
-    lines = ["| method | " + " | ".join(names) + " | avg | norm. | Δ avg vs cat (paired) | merge s |",
-             "|" + "---|" * (len(names) + 5)]
+    lines = ["| method | " + " | ".join(names) + " | avg | norm. | Δ avg vs cat (paired) | val avg | merge s |",
+             "|" + "---|" * (len(names) + 6)]
     for m, r in agg["rows"].items():
         if r is None:
-            lines.append(f"| {m} | " + " | ".join("–" for _ in names) + " | – | – | – | – |")
+            lines.append(f"| {m} | " + " | ".join("–" for _ in names) + " | – | – | – | – | – |")
             continue
+        v = r.get("val_average", {}).get("mean", float("nan"))
+        val = "–" if not np.isfinite(v) else f"{100 * v:.1f} ± {100 * r['val_average']['std']:.1f}"
         cells = " | ".join(f"{100 * r['per_task'][n]['mean']:.1f} ± {100 * r['per_task'][n]['std']:.1f}" for n in names)
         delta = r.get("minus_cat")
         d = "" if delta is None or m == "cat" else f"{100 * delta['mean']:+.1f} ± {100 * delta['std']:.1f}"
         sec = "" if m in ("individual", "pretrained backbone") else f"{r['merge_seconds']['mean']:.1f}"
         lines.append(f"| {m} | {cells} | **{100 * r['average']['mean']:.1f} ± {100 * r['average']['std']:.1f}** | "
-                     f"{100 * r['normalized']['mean']:.1f} ± {100 * r['normalized']['std']:.1f} | {d} | {sec} |")
+                     f"{100 * r['normalized']['mean']:.1f} ± {100 * r['normalized']['std']:.1f} | {d} | {val} | {sec} |")
     return "\n".join(lines)
 
 
@@ -589,7 +594,9 @@ def write_seed_results(agg: Mapping, out_dir: str, command: str) -> None:
           f"{cfg['c']} and c ∈ {tuple(cfg['c_sweep'])} at λ = {cfg['lam']:g}). Methods that read exemplars (CAT, "
           f"RegMean, LOT, the cat_trim rows) use {cfg['exemplars']} unlabeled training exemplars per task; Fisher "
           f"and TATR, when run, {cfg['fisher_examples']} labelled ones. \"Δ avg vs cat (paired)\" is the per-seed difference of the "
-          "average to CAT's (same checkpoints), mean ± std. \"merge s\" is the mean wall time of one merge call "
+          "average to CAT's (same checkpoints), mean ± std. \"val avg\" is the validation average at the chosen "
+          "hyperparameters (what every selection, including whether a combined variant helps, is decided on). "
+          "\"merge s\" is the mean wall time of one merge call "
           "(the first call of a method includes XLA compilation; AdaMerging: its whole optimization) on the shared "
           "2-core machine.", "",
           f"Total wall time {agg['wall_seconds'] / 60:.1f} min.", "",
@@ -700,6 +707,30 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def aggregate_only(out: str, seeds: Sequence[int], *, quiet: bool = False) -> int:
+    """Rewrite the seed tables from finished per-seed runs; the command of the run that produced them is kept."""
+    per_seed = []
+    for seed in seeds:
+        path = os.path.join(out, "seeds", f"seed{seed}", "results.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"--aggregate-only: {path} does not exist (run seed {seed} first)")
+        with open(path, encoding="utf-8") as f:
+            per_seed.append(json.load(f))
+    agg = aggregate_seeds(per_seed, seeds)
+    agg["wall_seconds"] = float(sum(r["timing"]["total_seconds"] for r in per_seed))
+    previous = os.path.join(out, "results_seeds.json")
+    command = None
+    if os.path.exists(previous):
+        with open(previous, encoding="utf-8") as f:
+            command = json.load(f).get("command")
+    if command is None:
+        command = "python -m experiments.benchmark.run --seeds " + " ".join(map(str, seeds))
+    write_seed_results(agg, out, command)
+    if not quiet:
+        print(seeds_table(agg))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and sweeps (a smoke run)")
@@ -721,6 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--main-only", action="store_true",
                         help="main table only: skip the one-seed analyses of CAT (sweeps, ablations, plots)")
     parser.add_argument("--no-adamerging", action="store_true", help="skip the two AdaMerging rows")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="with --seeds: re-read OUT/seeds/seed<N>/results.json of finished runs and rewrite "
+                             "RESULTS_SEEDS.md / results_seeds.json (nothing is fine-tuned or merged)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else BenchConfig()
@@ -739,6 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.light_analyses:
         cfg = dataclasses.replace(cfg, exemplar_sweep=(cfg.exemplars,), lam_sweep=(cfg.lam,), c_sweep=(cfg.c,),
                                   conflict_grid=(0.0, 1.0), curve_alphas=(0.3, 1.0))
+    if args.aggregate_only:
+        if not args.seeds:
+            parser.error("--aggregate-only needs --seeds")
+        return aggregate_only(args.out, args.seeds, quiet=args.quiet)
     tasks = load_tasks(cfg.tasks, sizes=cfg.sizes, seed=cfg.seed)
     backbone = load_backbone()
     analyses_on = not (args.no_analyses or args.main_only)
