@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.linalg import (block_krylov_top, choose_solver, eigh_flops, eigh_top, krylov_config,
+from catmerge_jax.linalg import (block_krylov_top, eigh, qr, choose_solver, eigh_flops, eigh_top, krylov_config,
                                  krylov_flops, map_batch, MIN_ITERATIVE_N)
 from catmerge_jax.tree import gather, is_concrete
 
@@ -88,7 +88,7 @@ def top_with_gap(matrix: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
     """Top-c eigenvectors by ``eigh`` ``(..., n, c)`` and the unresolvable-gap flags ``(...,)``."""
     if c == 0:
         return jnp.zeros(matrix.shape[:-1] + (0,), matrix.dtype), jnp.zeros(matrix.shape[:-2], bool)
-    values, vectors = jnp.linalg.eigh(matrix, symmetrize_input=True)
+    values, vectors = eigh(matrix)
     return vectors[..., ::-1][..., :c], gap_flags(values[..., ::-1], c)
 
 
@@ -148,21 +148,21 @@ def low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, 
     # eigenvalue 0 is represented whenever it belongs to the top c. Fixed, so results are deterministic.
     extra = jax.random.normal(jax.random.key(0), (c, out), task_vectors.dtype)
 
-    def one(k, y_k):
+    if c == 0:
+        return jnp.zeros((num_tasks, out, 0), task_vectors.dtype), jnp.zeros((num_tasks,), bool)
+
+    def operator(k, y_k):
         others = jnp.arange(num_tasks) != k
         # Rows of task k itself get weight 0 (both terms exclude i = k).
         w_conflict = jnp.repeat(others.astype(y.dtype), n)
         w_own = -lam * w_conflict
         z = jnp.concatenate([y_k.reshape(-1, out), own.reshape(-1, out), extra])
-        d = jnp.concatenate([w_conflict, w_own, jnp.zeros((c,), y.dtype)])
-        q, r = jnp.linalg.qr(z.T)  # (out, m), (m, m)
-        small = (r * d[None, :]) @ r.T
-        values, v = jnp.linalg.eigh(small, symmetrize_input=True)
-        return q @ v[:, ::-1][:, :c], gap_flags(values[::-1], c)
+        return z.T, jnp.concatenate([w_conflict, w_own, jnp.zeros((c,), y.dtype)])
 
-    if c == 0:
-        return jnp.zeros((num_tasks, out, 0), task_vectors.dtype), jnp.zeros((num_tasks,), bool)
-    return jax.vmap(one)(jnp.arange(num_tasks), y)
+    zt, d = jax.vmap(operator)(jnp.arange(num_tasks), y)  # (K, out, m), (K, m)
+    q, r = qr(zt)  # (K, out, m), (K, m, m)
+    values, v = eigh((r * d[:, None, :]) @ jnp.swapaxes(r, -1, -2))
+    return q @ v[..., ::-1][..., :c], gap_flags(values[..., ::-1], c)
 
 
 @functools.partial(jax.jit, static_argnames=("form",))
@@ -323,7 +323,9 @@ def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: Lin
         return (res.values[..., c - 1] > floor) & (res.gap <= floor)
 
     if plan.strategy == "low_rank":
-        bases, unresolved = jax.vmap(lambda t, rows: low_rank_bases_with_gap(t, rows, lam, c))(tvs, data)
+        # a loop over layers on CPU: under vmap the per-matrix LAPACK calls would be batched again (see eigh)
+        bases, unresolved = map_batch(lambda args: low_rank_bases_with_gap(*args, lam, c), (tvs, data),
+                                      mode=batch_mode)
         return bases, jnp.ones(bases.shape[:2], bool), unresolved
 
     if plan.strategy == "matrix_free":

@@ -15,12 +15,15 @@
    statistics ``catmerge merge --method cat`` captures (``cat_trim`` then ``combine``, which equals ``cat_merge``),
    so that the trimmed task vectors also give CAT's removed shares; both merged models are written as folders;
 5. every task's head is evaluated on 20 held-out sentences with the pretrained, its own (individual), the
-   task-arithmetic and the CAT backbone; the share of each task vector's linear-layer update that CAT removed
-   (``Σ‖T − T̃‖² / Σ‖T‖²`` over the linear leaves) is printed with the settings.
+   task-arithmetic and the CAT backbone: accuracy, and the mean cross-entropy, which separates backbones whose
+   accuracy on so few sentences ties; the share of each task vector's linear-layer update that CAT removed
+   (``Σ‖T − T̃‖² / Σ‖T‖²`` over the linear leaves) is printed with the settings and timings.
 
-It takes about two minutes on two CPU cores (1 min 44 s measured, most of it fine-tuning). It shows the machinery,
-it is not a benchmark (see ``experiments/benchmark`` for six real tasks): here the three tasks barely interfere, so
-task arithmetic and CAT reach the same held-out accuracy although CAT removes a few percent of every task vector.
+It takes a few minutes on two CPU cores, most of it fine-tuning (the run prints its own timings). It shows the
+machinery, it is not a benchmark (see ``experiments/benchmark`` for six real tasks and the field's strongest merges):
+the pretrained backbone is clearly worse than the fine-tuned ones (about 0.7 against 1.0 held-out accuracy), the
+three tasks barely interfere, so task arithmetic and CAT reach the same held-out accuracy, and the cross-entropy
+table shows how the two merges differ although CAT removes only a few percent of every task vector.
 """
 
 from __future__ import annotations
