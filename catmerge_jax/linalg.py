@@ -108,10 +108,9 @@ def unbatched(fn: Callable, x: jax.Array, core_dims: int = 2):
     384 × 291, 0.63 s vs 0.61 s). Accelerators get the batched call.
     """
     lead = x.shape[:x.ndim - core_dims]
-    if not lead or jax.default_backend() != "cpu":
+    if not lead:
         return fn(x)
-    flat = x.reshape((-1,) + x.shape[x.ndim - core_dims:])
-    out = jax.lax.map(fn, flat)
+    out = map_batch(fn, x.reshape((-1,) + x.shape[x.ndim - core_dims:]))
     return jax.tree.map(lambda y: y.reshape(lead + y.shape[1:]), out)
 
 
