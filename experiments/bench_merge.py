@@ -74,6 +74,24 @@ class Recorder:
         return paths
 
 
+def fastest(call, repeats: int):
+    """``(seconds, result)`` of the fastest of ``repeats`` calls of ``call()`` (each result blocked on)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(call())
+        if time.perf_counter() - t0 < best:
+            best, result = time.perf_counter() - t0, out
+    return best, result
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
 def machine_info() -> dict:
     """Where the numbers come from: CPUs, load at the start, library versions, JAX devices."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -291,7 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--lam", type=float, default=5.0)
     parser.add_argument("--c", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--repeats", type=positive_int, default=1,
                         help="steady runs of each implementation; the fastest is reported (the first JAX call, "
                              "with compilation, is timed separately)")
     parser.add_argument("--tolerance", type=float, default=1e-4)
@@ -344,13 +362,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     jax.block_until_ready(cat_merge_batched(base_tree, ft_trees, stats, **kwargs))
     first_s = time.perf_counter() - t0
-    merge_s = float("inf")
-    for _ in range(args.repeats):  # the fastest steady call, with its own stage timings
+    def timed_merge():  # the merge and its own stage timings, so the fastest call keeps its breakdown
         clock: dict = {}
-        t0 = time.perf_counter()
-        merged = jax.block_until_ready(cat_merge_batched(base_tree, ft_trees, stats, timings=clock, **kwargs))
-        if time.perf_counter() - t0 < merge_s:
-            merge_s, timings = time.perf_counter() - t0, clock
+        return cat_merge_batched(base_tree, ft_trees, stats, timings=clock, **kwargs), clock
+
+    merge_s, (merged, timings) = fastest(timed_merge, args.repeats)
     rec.say(f"linear solves: {timings['solves']}, eigh fallbacks: {timings['fallbacks']}")
     for g in timings["groups"]:
         rec.say(f"  group {g['shape']} × {g['layers']} layers: {g['strategy']}/{g['solver']} ({g['form']}), "
@@ -375,14 +391,10 @@ def main(argv=None) -> int:
         from experiments.torch_reference import cat_merge_torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        torch_total = float("inf")
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            ref, run_times = cat_merge_torch(base, finetuned, exemplars.reshape(num_tasks, -1, tokens, width),
-                                             blocks=blocks, width=width, mlp=mlp, heads=heads, alpha=args.alpha,
-                                             lam=args.lam, c=args.c)
-            if time.perf_counter() - t0 < torch_total:
-                torch_total, tt = time.perf_counter() - t0, run_times
+        torch_total, (ref, tt) = fastest(
+            lambda: cat_merge_torch(base, finetuned, exemplars.reshape(num_tasks, -1, tokens, width), blocks=blocks,
+                                    width=width, mlp=mlp, heads=heads, alpha=args.alpha, lam=args.lam, c=args.c),
+            args.repeats)
         torch_times = [tt["capture"], tt["bases"], tt["apply"], torch_total - tt["capture"], torch_total]
         rows = [(r[0], r[1], t) for r, t in zip(rows, torch_times)]
         flat = {p: np.asarray(v) for p, v in cm.leaves_with_paths(merged)}

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from experiments.bench_merge import RESULTS, Recorder  # noqa: E402
+from experiments.bench_merge import RESULTS, Recorder, fastest, positive_int  # noqa: E402
 
 SLOW_FIRST_CALL_S = 30.0  # a method whose first call takes longer is timed steady once, not ``repeats`` times
 
@@ -106,35 +106,14 @@ def cached_finetuned(results_json: str, cache: str):
     return list(paths), [jax.tree.map(jnp.asarray, load_task_checkpoint(p)[0]) for p in paths.values()]
 
 
-def exemplar_stats(model, finetuned, tasks, tokenizer, *, exemplars: int, max_len: int):
-    """Each task's row statistics on its first ``exemplars`` training sentences under its own model, padded as
-    the benchmark pads them (one shape for every task)."""
-    from catmerge_jax.capture import capture_stats
-    from experiments.benchmark.finetune import tokenize
-    from experiments.benchmark.run import exemplar_tokens, pad_rows
-
-    stats = []
-    for task, ft in zip(tasks, finetuned):
-        tok = tokenize(tokenizer, task.train.texts, task.train.labels, max_len)
-        ex = exemplar_tokens(tok, exemplars)
-        s = capture_stats(model, ft, jnp.asarray(ex.ids), jnp.asarray(ex.mask), token_mask=ex.mask.astype(bool),
-                          form="rows", batch_size=None)
-        stats.append(pad_rows(s, exemplars * max_len))
-    return stats
-
-
 def time_method(method, pretrained, finetuned, stats, repeats: int) -> dict:
     """``{"first_s", "steady_s", "calls"}`` of ``method.merge`` at its defaults."""
     kwargs = {"stats": stats} if method.needs_stats else {}
-
-    def call():
-        t0 = time.perf_counter()
-        jax.block_until_ready(method.merge(pretrained, finetuned, **kwargs, **dict(method.defaults)))
-        return time.perf_counter() - t0
-
-    first = call()
-    steady = [call() for _ in range(1 if first > SLOW_FIRST_CALL_S else repeats)]
-    return {"first_s": first, "steady_s": min(steady), "calls": 1 + len(steady)}
+    call = lambda: method.merge(pretrained, finetuned, **kwargs, **dict(method.defaults))  # noqa: E731
+    first, _ = fastest(call, 1)
+    calls = 1 if first > SLOW_FIRST_CALL_S else repeats
+    steady, _ = fastest(call, calls)
+    return {"first_s": first, "steady_s": steady, "calls": 1 + calls}
 
 
 def main(argv=None) -> int:
@@ -144,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=os.path.join("experiments", "cache"))
     parser.add_argument("--synthetic", action="store_true", help="synthetic task vectors even if a cache exists")
     parser.add_argument("--exemplars", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2, help="steady calls per method (best is reported)")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="steady calls per method (best is reported)")
     parser.add_argument("--quick", action="store_true", help="a tiny random BERT, 3 synthetic tasks (smoke test)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--results", default=None, metavar="DIR",
@@ -155,7 +134,8 @@ def main(argv=None) -> int:
 
     from experiments.benchmark.evaluate import load_all_methods
     from experiments.benchmark.finetune import load_backbone
-    from experiments.benchmark.run import BenchConfig
+    from experiments.benchmark.finetune import tokenize
+    from experiments.benchmark.run import BenchConfig, exemplar_stats
     from experiments.benchmark.tasks import Sizes, load_tasks, synthetic_tasks
 
     from catmerge_jax.methods.registry import get_method
@@ -199,8 +179,8 @@ def main(argv=None) -> int:
     say(f"model={backbone.folder} K={len(finetuned)} exemplars={args.exemplars} ({source}); "
         f"float32 matmul {rate:.0f} GFLOP/s; load average {rec.data['machine']['load_average_1_5_15']}")
     t0 = time.perf_counter()
-    stats = exemplar_stats(backbone.model, finetuned, tasks, backbone.tokenizer, exemplars=args.exemplars,
-                           max_len=max_len)
+    train = [tokenize(backbone.tokenizer, t.train.texts, t.train.labels, max_len) for t in tasks]
+    stats = exemplar_stats(backbone.model, finetuned, train, args.exemplars, args.exemplars * max_len)
     say(f"exemplar statistics: {time.perf_counter() - t0:.1f} s (first call, not part of any merge below)")
 
     rows = []

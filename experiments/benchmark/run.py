@@ -161,6 +161,21 @@ def pad_rows(stats: PyTree, rows: int) -> PyTree:
     return jax.tree.map(pad, stats, is_leaf=is_leaf_stats)
 
 
+def exemplar_stats(model: Any, finetuned: Sequence[PyTree], train: Sequence[Tokens], count: int,
+                   pad_to: int) -> list[PyTree]:
+    """Each task's row statistics on its first ``count`` training examples (unlabeled) under its own model,
+    padded to ``pad_to`` rows (:func:`pad_rows`: one shape for every task and exemplar count)."""
+    from catmerge_jax.capture import capture_stats
+
+    out = []
+    for tokens, ft in zip(train, finetuned):
+        ex = exemplar_tokens(tokens, count)
+        s = capture_stats(model, ft, jnp.asarray(ex.ids), jnp.asarray(ex.mask), token_mask=ex.mask.astype(bool),
+                          form="rows", batch_size=None)
+        out.append(pad_rows(s, pad_to))
+    return out
+
+
 @functools.partial(jax.jit, static_argnames=("model", "transform"))
 def _grad_stat_chunk(model: Any, transform: str, params: PyTree, head: PyTree, class_mask: jax.Array,
                      ids: jax.Array, mask: jax.Array, labels: jax.Array) -> PyTree:
@@ -244,7 +259,6 @@ def run_benchmark(backbone: Backbone, tasks: Sequence[TextTask], cfg: BenchConfi
                   cache_dir: str, quiet: bool = False, analyses_on: bool = True) -> dict:
     """Fine-tune (or reuse), merge with every method, run the analyses, write results. Returns the results dict."""
     t_start = time.perf_counter()
-    from catmerge_jax.capture import capture_stats
     from catmerge_jax.methods.registry import get_method
 
     names = [t.name for t in tasks]
@@ -317,13 +331,7 @@ def run_benchmark(backbone: Backbone, tasks: Sequence[TextTask], cfg: BenchConfi
     pad_to = max_ex * ml
 
     def stats_for(count: int) -> list[PyTree]:
-        out = []
-        for t, ft in zip(tasks, finetuned):
-            ex = exemplar_tokens(tok[t.name]["train"], count)
-            s = capture_stats(model, ft, jnp.asarray(ex.ids), jnp.asarray(ex.mask), token_mask=ex.mask.astype(bool),
-                              form="rows", batch_size=None)
-            out.append(pad_rows(s, pad_to))
-        return out
+        return exemplar_stats(model, finetuned, [tok[t.name]["train"] for t in tasks], count, pad_to)
 
     stats = stats_for(cfg.exemplars)
     exemplar_tokens_count = {t.name: int(exemplar_tokens(tok[t.name]["train"], cfg.exemplars).lengths.sum())
