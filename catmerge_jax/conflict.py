@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.linalg import (block_krylov_top, eigh, qr, choose_solver, eigh_flops, eigh_top, krylov_config,
+from catmerge_jax.linalg import (block_krylov_top, eigh_largest, qr, choose_solver, eigh_flops, eigh_top, krylov_config,
                                  krylov_flops, map_batch, MIN_ITERATIVE_N)
 from catmerge_jax.tree import gather, is_concrete
 
@@ -71,25 +71,26 @@ rounding makes a rank-deficient Gram slightly indefinite (eigenvalues ≈ 1e-7·
 epsilons keeps such noise from counting, also when the merge itself runs in float64."""
 
 
-def gap_flags(values_desc: jax.Array, c: int) -> jax.Array:
+def gap_flags(values_desc: jax.Array, c: int, scale: jax.Array) -> jax.Array:
     """``(...,)`` True where the c-th eigenvalue is positive and its gap to the next one is unresolvable.
 
-    ``values_desc``: ``(..., m)`` eigenvalues in decreasing order (m ≥ c; with m == c there is no next one).
+    ``values_desc``: ``(..., m)`` the largest eigenvalues in decreasing order (m ≥ c; with m == c there is no next
+    one); ``scale``: ``(...,)`` ``‖G‖₂``, the largest absolute eigenvalue.
     """
     if c == 0 or values_desc.shape[-1] <= c:
         return jnp.zeros(values_desc.shape[:-1], bool)
-    eps = jnp.finfo(values_desc.dtype).eps
-    scale = jnp.max(jnp.abs(values_desc), axis=-1)
+    floor = GAP_FLOOR * jnp.finfo(values_desc.dtype).eps * scale
     theta_c, theta_next = values_desc[..., c - 1], values_desc[..., c]
-    return (theta_c > GAP_FLOOR * eps * scale) & (theta_c - theta_next <= GAP_FLOOR * eps * scale)
+    return (theta_c > floor) & (theta_c - theta_next <= floor)
 
 
 def top_with_gap(matrix: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
-    """Top-c eigenvectors by ``eigh`` ``(..., n, c)`` and the unresolvable-gap flags ``(...,)``."""
+    """Top-c eigenvectors ``(..., n, c)`` (exact, :func:`catmerge_jax.linalg.eigh_largest`) and the
+    unresolvable-gap flags ``(...,)``."""
     if c == 0:
         return jnp.zeros(matrix.shape[:-1] + (0,), matrix.dtype), jnp.zeros(matrix.shape[:-2], bool)
-    values, vectors = eigh(matrix)
-    return vectors[..., ::-1][..., :c], gap_flags(values[..., ::-1], c)
+    values, vectors, scale = eigh_largest(matrix, min(c + 1, matrix.shape[-1]))  # one more: the gap
+    return vectors[..., :c], gap_flags(values, c, scale)
 
 
 def conflict_matrices_from_grams(task_vectors: jax.Array, grams: jax.Array, lam: Any) -> jax.Array:
@@ -163,8 +164,9 @@ def low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, 
 
     zt, d = jax.vmap(operator)(jnp.arange(num_tasks), y)  # (K, out, m), (K, m)
     q, r = qr(zt)  # (K, out, m), (K, m, m)
-    values, v = eigh((r * d[:, None, :]) @ jnp.swapaxes(r, -1, -2))
-    return q @ v[..., ::-1][..., :c], gap_flags(values[..., ::-1], c)
+    small = (r * d[:, None, :]) @ jnp.swapaxes(r, -1, -2)
+    values, v, scale = eigh_largest(small, min(c + 1, small.shape[-1]))
+    return q @ v[..., :c], gap_flags(values, c, scale)
 
 
 @functools.partial(jax.jit, static_argnames=("form",))

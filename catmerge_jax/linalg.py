@@ -30,12 +30,14 @@ and refusing them sent over half of a ViT-B/32 block's solves back to eigh.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["top_eigenvectors", "eigh_top", "block_krylov_top", "KrylovResult", "KrylovConfig",
+__all__ = ["top_eigenvectors", "eigh_top", "eigh_largest", "block_krylov_top", "KrylovResult", "KrylovConfig",
            "krylov_config", "map_batch", "eigh_flops", "krylov_flops", "choose_solver"]
 
 
@@ -126,12 +128,96 @@ def qr(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def eigh_top(matrix: jax.Array, c: int) -> jax.Array:
-    """Top-c eigenvectors by a full ``eigh``: ``(..., n, n) -> (..., n, c)``, decreasing eigenvalue."""
+    """Top-c eigenvectors, exact (:func:`eigh_largest`): ``(..., n, n) -> (..., n, c)``, decreasing eigenvalue."""
     if c == 0:
         return jnp.zeros(matrix.shape[:-1] + (0,), matrix.dtype)
-    # eigh returns ascending eigenvalues: the top c are the last c columns.
-    _, vectors = eigh(matrix)
-    return vectors[..., ::-1][..., :c]
+    return eigh_largest(matrix, c)[1]
+
+
+def _full_largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`eigh_largest` from a full ``eigh`` (accelerators, and the derivative everywhere)."""
+    values, vectors = eigh(matrix)  # ascending
+    scale = jnp.maximum(jnp.abs(values[..., -1]), jnp.abs(values[..., 0]))
+    return values[..., ::-1][..., :k], vectors[..., ::-1][..., :k], scale
+
+
+def _tridiagonal_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The k largest eigenpairs of ONE symmetric matrix by LAPACK's selected-eigenpair route (what ``syevx`` does):
+    Householder tridiagonalisation (``sytrd``), bisection for the wanted eigenvalues (``stebz``, at the most
+    accurate tolerance), inverse iteration for their vectors (``stein``), back-transformation (``ormqr``). The
+    bisection also gives the smallest eigenvalue, so ``‖G‖₂`` comes for free."""
+    from scipy.linalg import get_lapack_funcs
+
+    n = m.shape[0]
+    m = 0.5 * (m + m.T)
+    if not np.all(np.isfinite(m)):  # as a traced eigh does: NaN out (the merge's value checks name the leaf)
+        return np.full((k,), np.nan, m.dtype), np.full((n, k), np.nan, m.dtype), float("nan")
+    sytrd, sytrd_lwork, stebz, stein, ormqr = get_lapack_funcs(("sytrd", "sytrd_lwork", "stebz", "stein", "ormqr"),
+                                                              (m,))
+    lwork, _ = sytrd_lwork(n, lower=1)
+    packed, d, e, tau, info = sytrd(m, lower=1, lwork=max(int(lwork), 1))
+    tol = 2.0 * np.finfo(m.dtype).tiny
+    found, w, iblock, isplit, info_values = stebz(d, e, 3, 0.0, 0.0, n - k + 1, n, tol, "B")
+    vectors, info_vectors = stein(d, e, w[:found], iblock, isplit)
+    if info or info_values or info_vectors or found != k:  # LAPACK could not do it this way: the full decomposition
+        values, full = np.linalg.eigh(m)
+        return values[::-1][:k], full[:, ::-1][:, :k], float(max(abs(values[-1]), abs(values[0])))
+    if n > 1:  # T = Qᵀ m Q with Q = H(1)…H(n−1) stored below the subdiagonal of `packed` (LAPACK's orgtr layout)
+        vectors[1:] = ormqr("L", "N", packed[1:, :-1], tau, vectors[1:], max(64 * k, 1))[0]
+    lowest = stebz(d, e, 3, 0.0, 0.0, 1, 1, tol, "E")[1][0]
+    w = w[:found]
+    order = np.argsort(-w, kind="stable")
+    return w[order], vectors[:, order], float(max(abs(w[order[0]]), abs(lowest)))
+
+
+def _host_largest(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a = np.asarray(matrix)
+    n = a.shape[-1]
+    flat = a.reshape((-1, n, n))
+    values = np.empty((flat.shape[0], k), a.dtype)
+    vectors = np.empty((flat.shape[0], n, k), a.dtype)
+    scale = np.empty((flat.shape[0],), a.dtype)
+    for j, one in enumerate(flat):
+        values[j], vectors[j], scale[j] = _tridiagonal_largest(one, k)
+    return values.reshape(a.shape[:-2] + (k,)), vectors.reshape(a.shape[:-1] + (k,)), scale.reshape(a.shape[:-2])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def on_cpu(m):
+        shapes = (jax.ShapeDtypeStruct(m.shape[:-2] + (k,), m.dtype),
+                  jax.ShapeDtypeStruct(m.shape[:-1] + (k,), m.dtype), jax.ShapeDtypeStruct(m.shape[:-2], m.dtype))
+        return jax.pure_callback(functools.partial(_host_largest, k=k), shapes, m, vmap_method="broadcast_all")
+
+    return jax.lax.platform_dependent(matrix, cpu=on_cpu, default=lambda m: _full_largest(m, k))
+
+
+@_largest.defjvp
+def _largest_jvp(k, primals, tangents):
+    # the derivative of a full eigh (its primal is the same eigenpairs to rounding)
+    return jax.jvp(lambda m: _full_largest(m, k), primals, tangents)
+
+
+def eigh_largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``k`` largest (algebraic) eigenpairs of symmetric ``(..., n, n)``, exact, and ``‖G‖₂``.
+
+    On CPU, LAPACK's selected-eigenpair route on the host (:func:`_tridiagonal_largest`: one tridiagonalisation,
+    then only k vectors; measured 3× faster than a full ``eigh`` at n = 384 and 1536); on GPU/TPU a full ``eigh``
+    (``lax.platform_dependent`` picks by the platform the computation is compiled for). Works under ``jit`` and
+    ``vmap``; its derivative is that of a full ``eigh``.
+
+    Returns:
+      ``(values (..., k) decreasing, vectors (..., n, k), scale (...) = max |eigenvalue|)``; input symmetrized.
+
+    >>> import jax.numpy as jnp
+    >>> values, vectors, scale = eigh_largest(jnp.diag(jnp.array([1.0, -4.0, 2.0])), 1)
+    >>> values.tolist(), vectors[:, 0].tolist(), float(scale)
+    ([2.0], [0.0, 0.0, 1.0], 4.0)
+    """
+    n = matrix.shape[-1]
+    if not 0 < k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    return _largest(matrix, k)
 
 
 class KrylovResult(NamedTuple):
