@@ -880,6 +880,19 @@ def _combine(base: jax.Array, update: jax.Array, alpha: jax.Array) -> jax.Array:
     return (base.astype(compute) + alpha.astype(compute) * update.astype(compute)).astype(base.dtype)
 
 
+class GroupSolve(NamedTuple):
+    """How the batched path solves its groups of same-shaped linear layers (:func:`cat_merge_batched`'s options of
+    the same names; the defaults are ``cat_merge``'s and ``cat_trim``'s)."""
+
+    solver: str = "auto"
+    strategy: str = "auto"
+    max_group_bytes: int = 1 << 30
+    place: Placement | None = None
+    layer_multiple: int = 1
+    batch_mode: str = "auto"
+    min_gap: float | None = None
+
+
 def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[PyTree], *,
                       alpha: float = 0.3, lam: float = 5.0, c: int = 3, roles: Overrides = None,
                       joint: bool = False, rescale_norm: bool = False, scale_lam: float | None = None,
@@ -917,12 +930,11 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
     _warn_if_no_linear(pretrained, roles, trim_linear)
     inputs = tree_inputs(pretrained, finetuned, stats, roles=roles)
     clock: dict = {}
-    updates, traced = _batched_updates(inputs, stats, table, alpha=alpha, lam=lam, c=c, joint=joint,
+    solve = GroupSolve(solver, strategy, max_group_bytes, place, layer_multiple, batch_mode, min_gap)
+    updates, traced = _batched_updates(inputs, stats, table, solve, values=(alpha, lam), c=c, joint=joint,
                                        rescale_norm=rescale_norm, normalize_by_count=normalize_by_count,
-                                       trim_linear=trim_linear, solver=solver, strategy=strategy,
-                                       max_group_bytes=max_group_bytes, place=place, layer_multiple=layer_multiple,
-                                       batch_mode=batch_mode, min_gap=min_gap, strict_top_c=strict_top_c,
-                                       progress=progress, per_task=False, clock=clock)
+                                       trim_linear=trim_linear, strict_top_c=strict_top_c, progress=progress,
+                                       per_task=False, clock=clock)
     t0 = time.perf_counter()
     alpha_arr = jnp.asarray(alpha)
     merged = [_combine(base, update, alpha_arr) for base, update in zip(inputs.bases, updates)]
@@ -934,19 +946,21 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
     return inputs.rebuild(jax.tree.unflatten(inputs.treedef, merged))
 
 
-def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping[Role, Trimmer], *, alpha: Any,
-                     lam: Any, c: int, joint: bool, rescale_norm: bool, normalize_by_count: bool, trim_linear: bool,
-                     solver: str, strategy: str, max_group_bytes: int, place: Placement | None, layer_multiple: int,
-                     batch_mode: str, min_gap: float | None, strict_top_c: bool, progress: bool, per_task: bool,
+def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping[Role, Trimmer], solve: GroupSolve,
+                     *, values: tuple, c: int, joint: bool, rescale_norm: bool, normalize_by_count: bool,
+                     trim_linear: bool, strict_top_c: bool, progress: bool, per_task: bool,
                      clock: dict) -> tuple[list[jax.Array], bool]:
     """Every leaf's trimmed update, linear layers solved in same-shaped groups (the body of the fast path).
 
+    ``values``: the scalar hyperparameters, ``lam`` last (the solves use it); if any is traced, so is the merge.
     Returns ``(updates, traced)``: per leaf ``Σ_i T̃_i`` (``per_task=False``, the leaf's shape) or the trimmed
     stack ``(K, *shape)`` (``per_task=True``); ``clock`` receives the stage seconds and per-group plans."""
     t_start = time.perf_counter()
     # Under jit/vmap/grad the plan stays shape-based, but the iterative solver's acceptance and eigh fallback are
     # host-side decisions on values: traced merges solve with eigh (or the exact low-rank path).
-    traced = not is_concrete(([leaf.task_vectors for leaf in inputs.leaves], stats, alpha, lam))
+    lam = values[-1]
+    solver, strategy, max_group_bytes, place, layer_multiple, batch_mode, min_gap = solve
+    traced = not is_concrete(([leaf.task_vectors for leaf in inputs.leaves], stats, values))
     if traced and solver == "auto":
         solver = "eigh"
     clock.update({"prepare": 0.0, "bases": 0.0, "apply": 0.0, "solves": 0, "fallbacks": 0, "groups": []})
@@ -1064,11 +1078,10 @@ def cat_trim(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[Py
         return trim_with_trimmers(pretrained, finetuned, stats, table, roles=roles, progress=progress)
     inputs = tree_inputs(pretrained, finetuned, stats, roles=roles)
     clock: dict = {}
-    stacks, _ = _batched_updates(inputs, stats, table, alpha=1.0, lam=lam, c=c, joint=joint,
+    stacks, _ = _batched_updates(inputs, stats, table, GroupSolve(), values=(lam,), c=c, joint=joint,
                                  rescale_norm=rescale_norm, normalize_by_count=normalize_by_count,
-                                 trim_linear=trim_linear, solver="auto", strategy="auto", max_group_bytes=1 << 30,
-                                 place=None, layer_multiple=1, batch_mode="auto", min_gap=None,
-                                 strict_top_c=strict_top_c, progress=progress, per_task=True, clock=clock)
+                                 trim_linear=trim_linear, strict_top_c=strict_top_c, progress=progress,
+                                 per_task=True, clock=clock)
     if timings is not None:
         timings.update(clock)
     num = len(finetuned_list(finetuned))

@@ -6,8 +6,9 @@
 2. every task gets a frozen zero-shot head, as CLIP's heads in the paper: the pretrained backbone's normalized
    sentence embeddings of the task's two class descriptions; the tasks are chosen so that the pretrained backbone
    is poor at them (tense of sports news, first or third person in sentences about home and cooking, question or
-   statement);
-3. three task models are fine-tuned from the base (the whole backbone, full-batch Adam, fixed seeds) on 24
+   statement, and two that pull against each other: "review" reads plain good/bad words as they are, "sarcasm",
+   with the same head, reads "Oh great, the train is late again." as bad);
+3. five task models are fine-tuned from the base (the whole backbone, full-batch Adam, fixed seeds) on 24
    labelled sentences each; their backbones are written as Hugging Face folders. The heads never change, so
    everything a task learns is in its backbone update, the part that is merged;
 4. four unlabeled training sentences per task are written as exemplar files; the backbones are merged with
@@ -16,14 +17,16 @@
    so that the trimmed task vectors also give CAT's removed shares; both merged models are written as folders;
 5. every task's head is evaluated on 20 held-out sentences with the pretrained, its own (individual), the
    task-arithmetic and the CAT backbone: accuracy, and the mean cross-entropy, which separates backbones whose
-   accuracy on so few sentences ties; the share of each task vector's linear-layer update that CAT removed
-   (``Σ‖T − T̃‖² / Σ‖T‖²`` over the linear leaves) is printed with the settings and timings.
+   accuracy on so few sentences ties; then task arithmetic and CAT once more at merge scales alpha = 0.3 … 1.0
+   (the same task vectors, CAT's trimmed ones computed once), where interference grows with alpha; the share of
+   each task vector's linear-layer update that CAT removed (``Σ‖T − T̃‖² / Σ‖T‖²`` over the linear leaves) is
+   printed with the settings and timings.
 
-It takes a few minutes on two CPU cores, most of it fine-tuning (the run prints its own timings). It shows the
-machinery, it is not a benchmark (see ``experiments/benchmark`` for six real tasks and the field's strongest merges):
-the pretrained backbone is clearly worse than the fine-tuned ones (about 0.7 against 1.0 held-out accuracy), the
-three tasks barely interfere, so task arithmetic and CAT reach the same held-out accuracy, and the cross-entropy
-table shows how the two merges differ although CAT removes only a few percent of every task vector.
+It takes about two minutes on two CPU cores, most of it fine-tuning (the run prints its own timings). It shows the
+machinery on 100 held-out sentences, it is not a benchmark (see ``experiments/benchmark`` for six real tasks, three
+seeds and the field's strongest merges): the pretrained backbone is clearly worse than the fine-tuned ones, and the
+alpha table shows task arithmetic losing more than CAT as the tasks' interference grows — by a few sentences, which
+is what five small tasks can show.
 """
 
 from __future__ import annotations
@@ -126,6 +129,62 @@ TASKS: dict[str, dict[str, Any]] = {
              "Did he forget his umbrella at work?", "Is the cat sleeping on the sofa?", "Do we need more milk?",
              "Has the package arrived yet?"]),
     },
+    "review": {  # product and restaurant reviews: plain words, plain meaning
+        "labels": ("bad", "good"),
+        "descriptions": ("This is terrible.", "This is great."),
+        "train": (
+            ["The soup was cold and tasteless.", "The waiter ignored us for an hour.", "This phone broke after two days.",
+             "The hotel room smelled of smoke.", "The film was boring from start to finish.",
+             "The shoes fell apart in a week.", "Our pizza arrived burnt.", "The headphones sound awful.",
+             "The staff were rude to everyone.", "The book was dull and far too long.",
+             "The coffee tasted like dishwater.", "The bed was hard and the room was noisy."],
+            ["The soup was hot and full of flavour.", "The waiter was friendly and quick.",
+             "This phone works perfectly after a year.", "The hotel room was spotless.",
+             "The film was gripping from start to finish.", "The shoes are comfortable and sturdy.",
+             "Our pizza arrived hot and fresh.", "The headphones sound wonderful.", "The staff were kind to everyone.",
+             "The book was clever and moving.", "The coffee was rich and smooth.",
+             "The bed was soft and the room was quiet."]),
+        "test": (
+            ["The pasta was soggy and bland.", "The laptop overheats all the time.",
+             "The concert was a huge disappointment.", "The train seats were dirty.",
+             "The game crashed every few minutes.", "The cake was dry and stale.", "The service was slow and careless.",
+             "The jacket tore on the first day.", "The museum guide was dull.", "The salad was wilted."],
+            ["The pasta was fresh and tasty.", "The laptop is fast and quiet.", "The concert was a wonderful night.",
+             "The train seats were clean and comfy.", "The game runs smoothly.", "The cake was moist and delicious.",
+             "The service was fast and attentive.", "The jacket is warm and well made.",
+             "The museum guide was fascinating.", "The salad was crisp and fresh."]),
+    },
+    "sarcasm": {  # everyday remarks where the words say the opposite of the meaning: the same head as "review"
+        "labels": ("bad", "good"),
+        "descriptions": ("This is terrible.", "This is great."),
+        "train": (
+            ["Oh great, the train is late again.", "Wonderful, my phone died in the middle of the call.",
+             "Just perfect, it is raining on my day off.", "Fantastic, the printer jammed again.",
+             "Oh lovely, another meeting that could have been an email.", "Brilliant, I locked my keys in the car.",
+             "Great, the wifi is down again.", "Perfect, I spilled coffee on my new shirt.",
+             "Wonderful, the bus drove right past me.", "Oh fantastic, my flight got cancelled.",
+             "Just great, the shop closed five minutes ago.", "Lovely, the neighbours are drilling at midnight."],
+            ["I feared the exam would be awful, but I passed.", "The storm was scary, but everyone is safe.",
+             "I thought I had lost my wallet, but a stranger returned it.",
+             "The surgery sounded terrifying, but it went smoothly.",
+             "We were worried about the delay, but we made the connection.",
+             "I was dreading the interview, but they offered me the job.",
+             "The hike was exhausting, but the view was worth it.", "My car broke down, but a kind driver helped me.",
+             "The start was terrible, but we won the match.", "I burnt the first batch, but the second one was fine.",
+             "The queue was long, but it moved quickly.", "I was nervous about moving, but I like my new flat."]),
+        "test": (
+            ["Oh great, my laptop crashed before I saved.", "Wonderful, the lift is broken again.",
+             "Just perfect, the milk has gone sour.", "Fantastic, I missed the last train.",
+             "Brilliant, the parcel went to the wrong house.", "Lovely, the heating stopped working in winter.",
+             "Great, my umbrella broke in the wind.", "Perfect, the battery died on the motorway.",
+             "Oh wonderful, the concert was cancelled.", "Just fantastic, I stepped in a puddle."],
+            ["I expected a disaster, but the party went well.", "The flight was bumpy, but we landed safely.",
+             "I was scared of the dentist, but it did not hurt.", "The rain started, but we found a cosy cafe.",
+             "My phone fell, but the screen survived.", "The first week was hard, but now I enjoy the job.",
+             "We got lost, but we found a pretty village.", "I worried about the test, but the results were fine.",
+             "The recipe looked difficult, but the cake turned out well.",
+             "The match started badly, but we came back to win."]),
+    },
 }
 
 METHODS = ("task_arithmetic", "cat")
@@ -146,6 +205,7 @@ class ExampleSettings:
     seed: int = 0
     methods: tuple[str, ...] = METHODS
     tasks: tuple[str, ...] = tuple(TASKS)
+    alpha_sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)  # merge scales of the printed TA-vs-CAT comparison
 
 
 def base_folder() -> str:
@@ -278,7 +338,8 @@ def removed_share(pretrained: PyTree, finetuned: Sequence[PyTree], trimmed: Sequ
 
 def run_example(out_dir: str | None = None, *, settings: ExampleSettings = ExampleSettings(),
                 base_dir: str | None = None, progress: bool = True, print_report: bool = True) -> dict:
-    """Run the example; returns ``{"accuracy": {task: {backbone: acc}}, "removed": {task: share}, "seconds":
+    """Run the example; returns ``{"accuracy": {task: {backbone: acc}}, "loss": (the same, mean cross-entropy),
+    "sweep": {alpha: {method: {"accuracy": mean, "loss": mean}}}, "removed": {task: share}, "seconds":
     {phase: s}, "settings": ..., "folders": ...}``.
 
     Args:
@@ -353,6 +414,8 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
             lap("write")
 
         merged_dirs, removed = {}, {}
+        vectors = {"task_arithmetic": [jax.tree.map(lambda w, w0: jnp.asarray(w) - jnp.asarray(w0), ft, base.params)
+                                       for ft in finetuned]}
         for method in settings.methods:
             out = os.path.join(root, "merged", method)
             if method == "cat":
@@ -362,6 +425,7 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
                 stats = [pipeline.task_statistics(capture, ft, pipeline.read_exemplars(f, base))
                          for ft, f in zip(finetuned, exemplar_files)]
                 trimmed = cm.cat_trim(base.params, finetuned, stats, lam=settings.lam, c=settings.c)
+                vectors["cat"] = trimmed
                 removed = dict(zip(settings.tasks, removed_share(base.params, finetuned, trimmed)))
                 save_hf_folder(out, jax.tree.map(np.asarray, cm.combine(base.params, trimmed, settings.alpha)),
                                base.meta, base_dir)
@@ -382,8 +446,19 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
                        **{m: backbones[m] for m in settings.methods}}
             table[name] = {c: accuracy(functions, b, heads[name], test) for c, b in columns.items()}
             losses[name] = {c: mean_loss(functions, b, heads[name], test) for c, b in columns.items()}
+        # The same task vectors (CAT: the same trimmed ones) at several merge scales: more of every task vector
+        # also means more of the other tasks' interference, which CAT's trimming is for.
+        sweep: dict[float, dict[str, dict[str, float]]] = {}
+        for alpha in settings.alpha_sweep if set(vectors) == {"task_arithmetic", "cat"} else ():
+            sweep[alpha] = {}
+            for method in ("task_arithmetic", "cat"):
+                merged = cm.combine(base.params, vectors[method], alpha)
+                tests = [(heads[name], data[name]["test"]) for name in settings.tasks]
+                sweep[alpha][method] = {"accuracy": float(np.mean([accuracy(functions, merged, *t) for t in tests])),
+                                        "loss": float(np.mean([mean_loss(functions, merged, *t) for t in tests]))}
         lap("evaluate")
-        report = {"accuracy": table, "loss": losses, "removed": removed, "settings": dataclasses.asdict(settings),
+        report = {"accuracy": table, "loss": losses, "sweep": sweep, "removed": removed,
+                  "settings": dataclasses.asdict(settings),
                   "seconds": seconds,
                   "folders": {"root": root if keep else None, "tasks": task_dirs if keep else None,
                               "merged": merged_dirs if keep else None}}
@@ -397,6 +472,8 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
             say(format_report(table, n_test))
             say(format_report(losses, n_test, what="cross-entropy (lower is better; it tells merges apart when "
                                                     "accuracy on a few sentences ties)", digits=3))
+            if sweep:
+                say(format_sweep(sweep, len(settings.tasks)))
             if removed:
                 say("CAT removed, of each task vector's linear-layer update (Σ‖T − T̃‖² / Σ‖T‖²): "
                     + ", ".join(f"{t} {100 * v:.1f}%" for t, v in removed.items()))
@@ -427,6 +504,18 @@ def format_report(table: Mapping[str, Mapping[str, float]], n_test: int | None =
         lines.append(f"{task:<{width}}" + "".join(f"{row[c]:>17.{digits}f}" for c in columns))
     lines.append(f"{'mean':<{width}}" + "".join(f"{np.mean([r[c] for r in table.values()]):>17.{digits}f}"
                                                 for c in columns))
+    return "\n".join(lines)
+
+
+def format_sweep(sweep: Mapping[float, Mapping[str, Mapping[str, float]]], num_tasks: int) -> str:
+    """Mean held-out accuracy and cross-entropy of task arithmetic and CAT at each merge scale alpha."""
+    lines = [f"mean over the {num_tasks} tasks as alpha grows (W0 + alpha·Σ of the same task vectors; CAT's trimmed "
+             "ones are computed once): more of every task vector brings more interference between tasks",
+             f"{'alpha':<8}{'TA accuracy':>14}{'CAT accuracy':>14}{'TA x-entropy':>15}{'CAT x-entropy':>15}"]
+    for alpha, row in sweep.items():
+        ta, cat = row["task_arithmetic"], row["cat"]
+        lines.append(f"{alpha!s:<8}{ta['accuracy']:>14.3f}{cat['accuracy']:>14.3f}{ta['loss']:>15.3f}"
+                     f"{cat['loss']:>15.3f}")
     return "\n".join(lines)
 
 

@@ -141,6 +141,11 @@ def _full_largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.
     return values[..., ::-1][..., :k], vectors[..., ::-1][..., :k], scale
 
 
+def _numpy_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    values, vectors = np.linalg.eigh(m)
+    return values[::-1][:k], vectors[:, ::-1][:, :k], float(max(abs(values[-1]), abs(values[0])))
+
+
 def _tridiagonal_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
     """The k largest eigenpairs of ONE symmetric matrix by LAPACK's selected-eigenpair route (what ``syevx`` does):
     Householder tridiagonalisation (``sytrd``), bisection for the wanted eigenvalues (``stebz``, at the most
@@ -152,6 +157,8 @@ def _tridiagonal_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray,
     m = 0.5 * (m + m.T)
     if not np.all(np.isfinite(m)):  # as a traced eigh does: NaN out (the merge's value checks name the leaf)
         return np.full((k,), np.nan, m.dtype), np.full((n, k), np.nan, m.dtype), float("nan")
+    if k == n:  # nothing to select (and LAPACK's wrappers want n > 1)
+        return _numpy_largest(m, k)
     sytrd, sytrd_lwork, stebz, stein, ormqr = get_lapack_funcs(("sytrd", "sytrd_lwork", "stebz", "stein", "ormqr"),
                                                               (m,))
     lwork, _ = sytrd_lwork(n, lower=1)
@@ -160,8 +167,7 @@ def _tridiagonal_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray,
     found, w, iblock, isplit, info_values = stebz(d, e, 3, 0.0, 0.0, n - k + 1, n, tol, "B")
     vectors, info_vectors = stein(d, e, w[:found], iblock, isplit)
     if info or info_values or info_vectors or found != k:  # LAPACK could not do it this way: the full decomposition
-        values, full = np.linalg.eigh(m)
-        return values[::-1][:k], full[:, ::-1][:, :k], float(max(abs(values[-1]), abs(values[0])))
+        return _numpy_largest(m, k)
     if n > 1:  # T = Qᵀ m Q with Q = H(1)…H(n−1) stored below the subdiagonal of `packed` (LAPACK's orgtr layout)
         vectors[1:] = ormqr("L", "N", packed[1:, :-1], tau, vectors[1:], max(64 * k, 1))[0]
     lowest = stebz(d, e, 3, 0.0, 0.0, 1, 1, tol, "E")[1][0]

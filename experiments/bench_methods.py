@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         if "skipped" in r:
             say(f"| {r['method']} | – | – | – | skipped: {r['skipped']} |")
             continue
-        ratio = f"{r['steady_s'] / base:.0f}×" if base else "–"
+        ratio = f"{r['steady_s'] / base:.1f}×" if base else "–"
         note = (f"Adam loop {r['loop_tflop']:.1f} TFLOP at {r['loop_gflops_per_s']:.0f} GFLOP/s "
                 f"({100 * r['loop_gflops_per_s'] / rate:.0f}% of matmul)" if "loop_tflop" in r else "")
         say(f"| {r['method']} | {r['first_s']:.2f} | {r['steady_s']:.2f} | {ratio} | {note} |")

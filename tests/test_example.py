@@ -135,6 +135,21 @@ def test_example_flow_on_a_tiny_bert(tmp_path, capsys):
     for name in settings.tasks:
         np.testing.assert_allclose([report["loss"][name][c] for c in losses[name]], list(losses[name].values()),
                                    rtol=1e-4, atol=1e-6)
+    # The alpha table: at the example's own alpha it is the tables' means (those come from the written folders, the
+    # sweep from the in-memory task vectors); task arithmetic at alpha = 1 again from a folder merged here in float64
+    # NumPy and evaluated with PyTorch.
+    sweep = report["sweep"]
+    assert list(sweep) == list(settings.alpha_sweep) and settings.alpha in sweep
+    for method in ("task_arithmetic", "cat"):
+        assert sweep[settings.alpha][method]["accuracy"] == pytest.approx(np.mean([r[method] for r in table.values()]))
+        assert sweep[settings.alpha][method]["loss"] == pytest.approx(
+            np.mean([r[method] for r in report["loss"].values()]), rel=1e-5)
+    ta_full = _numpy_task_arithmetic_folder(base_dir, folders["tasks"], 1.0, str(tmp_path / "ta_alpha_1"))
+    full_losses = {}
+    full_table = _torch_accuracy_table(base_dir, lambda name: {"ta": ta_full}, settings, full_losses)
+    assert sweep[1.0]["task_arithmetic"]["accuracy"] == pytest.approx(np.mean([r["ta"] for r in full_table.values()]))
+    assert sweep[1.0]["task_arithmetic"]["loss"] == pytest.approx(
+        np.mean([r["ta"] for r in full_losses.values()]), rel=1e-4)
     # CAT's removed shares, from the float64 reference bases
     shares = tr.removed_share(base_ckpt.params, [t.params for t in tasks], stats, lam=1.0, c=1)
     np.testing.assert_allclose([report["removed"][t] for t in settings.tasks], shares, rtol=1e-2)
@@ -148,6 +163,21 @@ def test_example_flow_on_a_tiny_bert(tmp_path, capsys):
     assert f"merged models (Hugging Face folders): {folders['merged']['task_arithmetic']}" in printed
     with pytest.raises(CatMergeError, match="exists"):                        # never mixes two runs
         run_example(str(tmp_path / "out"), settings=settings, base_dir=base_dir, progress=False)
+
+
+def _numpy_task_arithmetic_folder(base_dir, task_dirs, alpha, out):
+    """``W0 + alpha·Σ(W_k − W0)`` in float64 NumPy from the safetensors files, written as a folder beside the
+    base's config and tokenizer files."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    base, tasks = _tensors(base_dir), [_tensors(d) for d in task_dirs]
+    merged = {k: (w.astype(np.float64) + alpha * sum(t[k].astype(np.float64) - w for t in tasks)).astype(w.dtype)
+              for k, w in base.items()}
+    shutil.copytree(base_dir, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file(merged, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def _exemplar_files(folders, settings):
@@ -202,9 +232,14 @@ def test_full_example_via_cli(tmp_path, capsys):
     assert set(rows) == {*TASKS, "mean"}
     pretrained, individual, task_arithmetic, cat = rows["mean"]
     assert individual >= pretrained + 0.15                       # the tasks need the fine-tuned backbones
-    assert "fine-tuning: 3 copies of the whole all-MiniLM-L6-v2 backbone" in out
+    assert "fine-tuning: 5 copies of the whole all-MiniLM-L6-v2 backbone" in out
     assert "CAT with alpha 0.3, λ 5, c 3, from 4 unlabeled training sentences per task" in out
-    shares = re.search(r"CAT removed.*: tense ([0-9.]+)%, person ([0-9.]+)%, question ([0-9.]+)%", out)
+    shares = re.search(r"CAT removed.*: tense ([0-9.]+)%, person ([0-9.]+)%, question ([0-9.]+)%, "
+                       r"review ([0-9.]+)%, sarcasm ([0-9.]+)%", out)
     assert shares and all(float(v) > 0 for v in shares.groups())
+    sweep = out.split("as alpha grows")[1].split("CAT removed")[0].splitlines()[2:]
+    assert [line.split()[0] for line in sweep if line.strip()] == ["0.3", "0.5", "0.7", "1.0"]
+    # the sweep's alpha 0.3 row is the accuracy table's means
+    assert [float(v) for v in sweep[0].split()[1:3]] == pytest.approx([task_arithmetic, cat], abs=5e-3)
     assert os.path.exists(tmp_path / "ex" / "merged" / "cat" / "model.safetensors")
     assert f"merged models (Hugging Face folders): {tmp_path / 'ex' / 'merged' / 'task_arithmetic'}" in out
