@@ -164,9 +164,8 @@ def low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, 
 
     zt, d = jax.vmap(operator)(jnp.arange(num_tasks), y)  # (K, out, m), (K, m)
     q, r = qr(zt)  # (K, out, m), (K, m, m)
-    small = (r * d[:, None, :]) @ jnp.swapaxes(r, -1, -2)
-    values, v, scale = eigh_largest(small, min(c + 1, small.shape[-1]))
-    return q @ v[..., :c], gap_flags(values, c, scale)
+    v, unresolved = top_with_gap((r * d[:, None, :]) @ jnp.swapaxes(r, -1, -2), c)
+    return q @ v, unresolved
 
 
 @functools.partial(jax.jit, static_argnames=("form",))

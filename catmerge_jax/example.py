@@ -301,21 +301,16 @@ def fine_tune(base_params: PyTree, head: dict, data: tuple, settings: ExampleSet
     return jax.tree.map(np.asarray, backbone)
 
 
-def accuracy(functions: Functions, backbone: PyTree, head: PyTree, data: tuple) -> float:
-    """Fraction of ``data = (ids, mask, types, labels)`` the head classifies correctly on ``backbone``."""
-    ids, mask, types, labels = data
-    z = functions.logits(backbone, head, ids, mask, types)
-    return float(np.mean(np.asarray(jnp.argmax(z, -1)) == labels))
-
-
-def mean_loss(functions: Functions, backbone: PyTree, head: PyTree, data: tuple) -> float:
-    """Mean cross-entropy of the head on ``data = (ids, mask, types, labels)``: it separates backbones whose
-    accuracy on a few sentences is the same (the confidence of the right class, not only whether it wins)."""
+def scores(functions: Functions, backbone: PyTree, head: PyTree, data: tuple) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of the head on ``data = (ids, mask, types, labels)`` with ``backbone``,
+    from one forward pass. The cross-entropy separates backbones whose accuracy on a few sentences is the same (the
+    confidence of the right class, not only whether it wins)."""
     import optax
 
     ids, mask, types, labels = data
     z = functions.logits(backbone, head, ids, mask, types)
-    return float(optax.softmax_cross_entropy_with_integer_labels(z, jnp.asarray(labels)).mean())
+    accuracy = float(np.mean(np.asarray(jnp.argmax(z, -1)) == labels))
+    return accuracy, float(optax.softmax_cross_entropy_with_integer_labels(z, jnp.asarray(labels)).mean())
 
 
 def removed_share(pretrained: PyTree, finetuned: Sequence[PyTree], trimmed: Sequence[PyTree]) -> list[float]:
@@ -444,18 +439,20 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
             test = data[name]["test"]
             columns = {"pretrained": backbones["pretrained"], "individual": backbone,
                        **{m: backbones[m] for m in settings.methods}}
-            table[name] = {c: accuracy(functions, b, heads[name], test) for c, b in columns.items()}
-            losses[name] = {c: mean_loss(functions, b, heads[name], test) for c, b in columns.items()}
+            both = {c: scores(functions, b, heads[name], test) for c, b in columns.items()}
+            table[name] = {c: acc for c, (acc, _) in both.items()}
+            losses[name] = {c: loss for c, (_, loss) in both.items()}
         # The same task vectors (CAT: the same trimmed ones) at several merge scales: more of every task vector
         # also means more of the other tasks' interference, which CAT's trimming is for.
         sweep: dict[float, dict[str, dict[str, float]]] = {}
+        tests = [(heads[name], data[name]["test"]) for name in settings.tasks]
         for alpha in settings.alpha_sweep if set(vectors) == {"task_arithmetic", "cat"} else ():
             sweep[alpha] = {}
             for method in ("task_arithmetic", "cat"):
                 merged = cm.combine(base.params, vectors[method], alpha)
-                tests = [(heads[name], data[name]["test"]) for name in settings.tasks]
-                sweep[alpha][method] = {"accuracy": float(np.mean([accuracy(functions, merged, *t) for t in tests])),
-                                        "loss": float(np.mean([mean_loss(functions, merged, *t) for t in tests]))}
+                accuracies, cross_entropies = zip(*(scores(functions, merged, *t) for t in tests))
+                sweep[alpha][method] = {"accuracy": float(np.mean(accuracies)),
+                                        "loss": float(np.mean(cross_entropies))}
         lap("evaluate")
         report = {"accuracy": table, "loss": losses, "sweep": sweep, "removed": removed,
                   "settings": dataclasses.asdict(settings),

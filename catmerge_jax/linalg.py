@@ -168,8 +168,8 @@ def _tridiagonal_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray,
     vectors, info_vectors = stein(d, e, w[:found], iblock, isplit)
     if info or info_values or info_vectors or found != k:  # LAPACK could not do it this way: the full decomposition
         return _numpy_largest(m, k)
-    if n > 1:  # T = Qᵀ m Q with Q = H(1)…H(n−1) stored below the subdiagonal of `packed` (LAPACK's orgtr layout)
-        vectors[1:] = ormqr("L", "N", packed[1:, :-1], tau, vectors[1:], max(64 * k, 1))[0]
+    # T = Qᵀ m Q with Q = H(1)…H(n−1) stored below the subdiagonal of `packed` (LAPACK's orgtr layout); n > k ≥ 1
+    vectors[1:] = ormqr("L", "N", packed[1:, :-1], tau, vectors[1:], 64 * k)[0]
     lowest = stebz(d, e, 3, 0.0, 0.0, 1, 1, tol, "E")[1][0]
     w = w[:found]
     order = np.argsort(-w, kind="stable")
