@@ -6,6 +6,9 @@ folder it was not asked to replace.
   without ``overwrite`` the rename never replaces anything that appeared meanwhile (``renameat2(RENAME_NOREPLACE)``
   where the kernel has it, else a ``mkdir`` claim); with ``overwrite`` the old folder is renamed aside, the new one
   renamed in, then the old one deleted.
+* Creating a temporary folder and taking charge of removing it happen with SIGINT/SIGTERM deferred
+  (:func:`deferred_signals`, :func:`temp_dir`): a signal that arrives just after ``mkdir`` cannot leave the folder
+  behind with nobody holding its name.
 * Temporary folders are named ``.catmerge-tmp-<name>-<random>`` and hold a marker file naming the process that
   made them; :func:`clean_stale_temp_dirs` removes those whose process is gone (a run killed by SIGKILL), and
   nothing else.
@@ -29,10 +32,12 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
+import threading
 from typing import IO, Iterator
 
-__all__ = ["atomic_file", "make_temp_dir", "remove_temp_dir", "publish_dir", "clean_stale_temp_dirs",
+__all__ = ["atomic_file", "make_temp_dir", "temp_dir", "deferred_signals", "remove_temp_dir", "publish_dir", "clean_stale_temp_dirs",
            "PublishConflict", "TEMP_PREFIX", "MARKER", "dir_identity", "rename_noreplace"]
 
 TEMP_PREFIX = ".catmerge-tmp-"
@@ -118,24 +123,86 @@ def dir_identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if _stat.S_ISDIR(st.st_mode) else None
 
 
+@contextlib.contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold back SIGINT/SIGTERM for the block, then hand each one that arrived to the handler installed before.
+
+    Python raises a signal's exception at whatever bytecode the main thread is on, so between ``os.mkdir`` returning
+    and the caller's ``try`` taking charge of the folder a Ctrl-C or SIGTERM would leave the folder behind with no
+    one holding its name. Inside this block the handlers only record the signal; on leaving it the previous
+    handler is called (``KeyboardInterrupt`` / the CLI's ``Terminated`` are raised there, where the caller's
+    clean-up already covers the folder), or the signal is re-sent when that handler is the system default.
+    Outside the main thread (where Python never runs signal handlers) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous: dict[int, object] = {}
+    try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, lambda s, frame: arrived.append(s))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in arrived:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
 def make_temp_dir(parent: str, name: str) -> str:
     """Create ``parent/.catmerge-tmp-<name>-<random>`` (mode 0o777 minus the umask) holding the :data:`MARKER`
-    file of this process. Returns its path."""
-    while True:
-        path = os.path.join(parent, _random_name(f"{TEMP_PREFIX}{name}-"))
+    file of this process. Returns its path.
+
+    The caller must take charge of removing it; :func:`temp_dir` does so with no gap a signal could fall into.
+    """
+    with deferred_signals():
+        while True:
+            path = os.path.join(parent, _random_name(f"{TEMP_PREFIX}{name}-"))
+            try:
+                os.mkdir(path, 0o777)
+                break
+            except FileExistsError:
+                continue
         try:
-            os.mkdir(path, 0o777)
-            break
-        except FileExistsError:
-            continue
-    try:
-        pid = os.getpid()
-        with open(os.path.join(path, MARKER), "w") as f:
-            json.dump({"tool": "catmerge", "pid": pid, "start": _start_time(pid), "host": socket.gethostname()}, f)
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        raise
+            pid = os.getpid()
+            with open(os.path.join(path, MARKER), "w") as f:
+                json.dump({"tool": "catmerge", "pid": pid, "start": _start_time(pid), "host": socket.gethostname()},
+                          f)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
     return path
+
+
+@contextlib.contextmanager
+def temp_dir(parent: str, name: str) -> Iterator[str]:
+    """A :func:`make_temp_dir` folder for the block, removed if the block raises (Ctrl-C and SIGTERM included).
+
+    A block that publishes the folder (:func:`publish_dir`) renames it away; nothing is removed on success. A
+    signal that arrives while the folder is being made is raised once the folder is under this block's clean-up,
+    so it is removed too.
+
+    >>> import os, tempfile
+    >>> parent = tempfile.mkdtemp()
+    >>> with temp_dir(parent, "out") as tmp:
+    ...     publish_dir(tmp, os.path.join(parent, "out"))
+    >>> os.listdir(parent)
+    ['out']
+    """
+    path = None
+    try:
+        with deferred_signals():
+            path = make_temp_dir(parent, name)
+        yield path
+    except BaseException:
+        if path is not None:
+            remove_temp_dir(path)
+        raise
 
 
 def remove_temp_dir(path: str) -> None:

@@ -543,14 +543,17 @@ def merge_folders(method: str, base_dir: str | os.PathLike, task_dirs: Sequence[
         check_exemplar_path(f)
     parent, name = os.path.dirname(out), os.path.basename(out)
     created: list[str] = []
+    tmp = None
     try:
-        created = _make_parents(parent)
-        atomic.clean_stale_temp_dirs(parent)
-        tmp = atomic.make_temp_dir(parent, name)
-    except OSError as e:
-        _remove_empty(created)
-        raise InputError(f"cannot write beside --out {out}: {e.strerror or e}") from None
-    try:
+        # A Ctrl-C/SIGTERM that lands between mkdir and this try taking charge of the folder is raised only
+        # once `tmp` and `created` are set, so the clean-up below removes them.
+        with atomic.deferred_signals():
+            try:
+                created = _make_parents(parent)
+                atomic.clean_stale_temp_dirs(parent)
+                tmp = atomic.make_temp_dir(parent, name)
+            except OSError as e:
+                raise InputError(f"cannot write beside --out {out}: {e.strerror or e}") from None
         base, tasks = load_tasks(base_dir, task_dirs, progress=progress)
         # Exemplar files are always read when given, so a bad file is reported whatever the method.
         exemplars = [read_exemplars(f, base) for f in exemplar_files] if exemplar_files else None
@@ -576,7 +579,8 @@ def merge_folders(method: str, base_dir: str | os.PathLike, task_dirs: Sequence[
         except OSError as e:
             raise InputError(f"cannot write {out}: {e}") from e
     except BaseException:
-        atomic.remove_temp_dir(tmp)
+        if tmp is not None:
+            atomic.remove_temp_dir(tmp)
         _remove_empty(created)
         raise
     return out

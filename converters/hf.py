@@ -455,7 +455,7 @@ def save_hf_folder(out_dir: str, flax_params, meta: ConversionMeta, base_folder:
     directory and renamed into place (:func:`catmerge_jax.atomic.publish_dir`); an existing ``out_dir`` is an error
     (``FileExistsError``) unless ``overwrite``, and a symlink or file there is never replaced. Returns ``out_dir``.
     """
-    from catmerge_jax.atomic import make_temp_dir, publish_dir, remove_temp_dir
+    from catmerge_jax.atomic import publish_dir, temp_dir
 
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir) and not overwrite:
@@ -463,11 +463,7 @@ def save_hf_folder(out_dir: str, flax_params, meta: ConversionMeta, base_folder:
     state = flax_to_hf_state(flax_params, meta)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = make_temp_dir(parent, os.path.basename(out_dir))
-    try:
+    with temp_dir(parent, os.path.basename(out_dir)) as tmp:
         write_hf_files(tmp, state, meta, base_folder)
         publish_dir(tmp, out_dir, overwrite=overwrite)
-    except BaseException:
-        remove_temp_dir(tmp)
-        raise
     return out_dir

@@ -608,6 +608,31 @@ def test_sigterm_removes_the_temporary_folder(env, tmp_path):
     assert os.listdir(tmp_path) == []                               # neither temp folder nor --out
 
 
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                                   (signal.SIGTERM, 128 + signal.SIGTERM, "terminated")])
+def test_signal_right_after_mkdir_leaves_no_temporary_folder(env, capsys, tmp_path, monkeypatch, signum, status,
+                                                              word):
+    """10. A signal delivered the instant ``mkdir`` has made the temporary folder (before any code could take
+    charge of removing it) still ends with the folder removed: creation runs with the signals deferred."""
+    real_mkdir = os.mkdir
+
+    def mkdir_then_signal(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        if os.path.basename(path).startswith(atomic.TEMP_PREFIX):
+            signal.raise_signal(signum)   # the Python handler runs at the very next bytecode
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_signal)
+    rc, _, err = _run(capsys, _merge(env, tmp_path / "out"))
+    assert rc == status and f"catmerge: {word}" in err
+    assert os.listdir(tmp_path) == []
+    # The folder helper on its own: the KeyboardInterrupt reaches the caller and the folder is gone.
+    signum = signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.temp_dir(str(tmp_path), "alone"):
+            raise AssertionError("the block must not run: the signal came first")
+    assert os.listdir(tmp_path) == []
+
+
 def _dead_pid():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
