@@ -62,19 +62,22 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Ite
     The file is created with mode ``0o666`` minus the umask (``tempfile.mkstemp`` would make it 0600)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    while True:
-        tmp = os.path.join(folder, _random_name(".tmp-", "-" + os.path.basename(path)))
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
+    tmp = None
     try:
+        with deferred_signals():  # a signal right after the open is raised once `tmp` names the file
+            while True:
+                candidate = os.path.join(folder, _random_name(".tmp-", "-" + os.path.basename(path)))
+                try:
+                    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+                except FileExistsError:
+                    continue
+                tmp = candidate
+                break
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
         os.replace(tmp, path)
     except BaseException:
-        if os.path.lexists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
         raise
 

@@ -631,6 +631,20 @@ def test_signal_right_after_mkdir_leaves_no_temporary_folder(env, capsys, tmp_pa
         with atomic.temp_dir(str(tmp_path), "alone"):
             raise AssertionError("the block must not run: the signal came first")
     assert os.listdir(tmp_path) == []
+    # The single-file helper: a signal the instant its temporary file is opened.
+    real_open = os.open
+
+    def open_then_signal(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if os.path.basename(path).startswith(".tmp-"):
+            signal.raise_signal(signum)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_file(tmp_path / "one.txt", "w") as f:
+            f.write("never")
+    assert os.listdir(tmp_path) == []
 
 
 def _dead_pid():
