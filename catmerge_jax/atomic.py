@@ -144,6 +144,8 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
     previous: dict[int, object] = {}
     try:
         for signum in signums:
+            if signal.getsignal(signum) is None:  # a handler installed outside Python: not ours to swap
+                continue
             previous[signum] = signal.signal(signum, lambda s, frame: arrived.append(s))
         yield
     finally:
