@@ -37,8 +37,8 @@ import socket
 import threading
 from typing import IO, Iterator
 
-__all__ = ["atomic_file", "make_temp_dir", "temp_dir", "deferred_signals", "remove_temp_dir", "publish_dir", "clean_stale_temp_dirs",
-           "PublishConflict", "TEMP_PREFIX", "MARKER", "dir_identity", "rename_noreplace"]
+__all__ = ["atomic_file", "make_temp_dir", "temp_dir", "deferred_signals", "remove_temp_dir", "publish_dir",
+           "clean_stale_temp_dirs", "PublishConflict", "TEMP_PREFIX", "MARKER", "dir_identity", "rename_noreplace"]
 
 TEMP_PREFIX = ".catmerge-tmp-"
 """Name prefix of the temporary folders this package makes (``.catmerge-tmp-<out name>-<random>``)."""
@@ -67,8 +67,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Ite
         with deferred_signals():  # a signal right after the open is raised once `tmp` names the file
             while True:
                 candidate = os.path.join(folder, _random_name(".tmp-", "-" + os.path.basename(path)))
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
                 try:
-                    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+                    fd = os.open(candidate, flags, 0o666)
                 except FileExistsError:
                     continue
                 tmp = candidate
