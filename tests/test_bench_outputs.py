@@ -61,6 +61,15 @@ def test_bench_merge_writes_its_table(tmp_path):
     # 1 block × 6 linear layers × 2 tasks
     assert data["jax"]["solves"] == 12 and data["status"] == 0
     assert data["agreement_vs_eigh"]["max_relative_error_per_leaf"] < 1e-4
+    # the LAPACK-alone timing makes one call per (layer, task) of each eigh group the plan ran, at its shapes
+    floor = data["lapack_floor"]
+    eigh_groups = [g for g in data["jax"]["groups"] if g["solver"] == "eigh"]
+    assert [tuple(g["shape"]) for g in floor["groups"]] == [tuple(g["shape"]) for g in eigh_groups]
+    for g, ran in zip(floor["groups"], eigh_groups):
+        count = ran["layers"] * 2
+        assert g["calls"].startswith(f"{count} QR ({ran['shape'][1]}, " if ran["strategy"] == "low_rank"
+                                     else f"{count} top-4 of {ran['shape'][1]}²"), g
+    assert floor["seconds"] == sum(g["seconds"] for g in floor["groups"])
 
 
 def test_bench_solvers_and_streaming_write_their_files(tmp_path, capsys):
