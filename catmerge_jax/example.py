@@ -409,8 +409,7 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
             lap("write")
 
         merged_dirs, removed = {}, {}
-        vectors = {"task_arithmetic": [jax.tree.map(lambda w, w0: jnp.asarray(w) - jnp.asarray(w0), ft, base.params)
-                                       for ft in finetuned]}
+        vectors = {"task_arithmetic": cm.task_vectors(base.params, finetuned)}
         for method in settings.methods:
             out = os.path.join(root, "merged", method)
             if method == "cat":
@@ -446,7 +445,7 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
         # also means more of the other tasks' interference, which CAT's trimming is for.
         sweep: dict[float, dict[str, dict[str, float]]] = {}
         tests = [(heads[name], data[name]["test"]) for name in settings.tasks]
-        for alpha in settings.alpha_sweep if set(vectors) == {"task_arithmetic", "cat"} else ():
+        for alpha in settings.alpha_sweep if "cat" in vectors else ():  # the comparison needs CAT's vectors
             sweep[alpha] = {}
             for method in ("task_arithmetic", "cat"):
                 merged = cm.combine(base.params, vectors[method], alpha)
