@@ -275,17 +275,12 @@ def linear_inputs(leaf: LeafInput, normalize: bool = False) -> tuple[str, jax.Ar
         if got != fan_in:
             raise TreeMismatchError(f"leaf '{leaf.path}': task {k} statistics have input dimension {got}, the kernel "
                                     f"expects {fan_in}")
-    counts = _row_counts(leaf, per_task)
     if all(s.rows is not None for s in per_task):
         n_max = max(np.shape(s.rows)[-2] for s in per_task)
         if n_max < fan_in:
-            rows = []
-            for s, n in zip(per_task, counts):
-                r = _per_layer(s.rows, leaf.spec, 2).astype(dtype)
-                if normalize:
-                    r = r / jnp.sqrt(n.astype(dtype))[:, None, None]
-                rows.append(jnp.pad(r, ((0, 0), (0, n_max - r.shape[1]), (0, 0))))
-            return "rows", jnp.stack(rows)
+            return "rows", _stacked_rows([s.rows for s in per_task], [s.count for s in per_task] if normalize else None,
+                                         spec=leaf.spec, n_max=n_max, dtype=jnp.dtype(dtype))
+    counts = _row_counts(leaf, per_task)
     grams = []
     for s, n in zip(per_task, counts):
         if s.gram is not None:
@@ -295,6 +290,19 @@ def linear_inputs(leaf: LeafInput, normalize: bool = False) -> tuple[str, jax.Ar
             g = jnp.einsum("lna,lnb->lab", r, r)
         grams.append(g / n.astype(dtype)[:, None, None] if normalize else g)
     return "gram", jnp.stack(grams)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n_max", "dtype"))
+def _stacked_rows(rows: list[Any], counts: list[Any] | None, *, spec: LeafSpec, n_max: int, dtype: Any) -> jax.Array:
+    """``(K, layers, n_max, in)``: each task's rows per layer, zero-padded to ``n_max`` rows, divided by the square
+    root of the row count when ``counts`` are given; one dispatch per leaf."""
+    out = []
+    for k, r in enumerate(rows):
+        r = _per_layer(r, spec, 2).astype(dtype)
+        if counts is not None:
+            r = r / jnp.sqrt(_per_layer(counts[k], spec, 0).astype(dtype))[:, None, None]
+        out.append(jnp.pad(r, ((0, 0), (0, n_max - r.shape[1]), (0, 0))))
+    return jnp.stack(out)
 
 
 def gram_inputs(leaf: LeafInput, normalize: bool) -> tuple[str, jax.Array]:
@@ -424,10 +432,23 @@ def scale_masking(lam: float = 5.0, c: int = 3, *, per_row_mean: bool = False) -
         counts = _row_counts(leaf, leaf.stats)
         sq = jnp.stack([_per_layer(s, leaf.spec, 1).reshape(t.shape[1:]).astype(t.dtype)
                         / (n.astype(t.dtype)[:, None] if per_row_mean else 1.0) for s, n in zip(sums, counts)])
-        return jax.vmap(lambda tl, sl: cat_scale_masks(tl, sl, lam=_stop(lam), c=c), in_axes=(1, 1),
-                        out_axes=1)(t, _stop(sq))
+        return _layer_scale_masks(t, _stop(sq), _stop(lam), c=c)
 
     return Trimmer(init, _mask_apply)
+
+
+@functools.partial(jax.jit, static_argnames=("c",))
+def _layer_scale_masks(t: jax.Array, sq: jax.Array, lam: Any, *, c: int) -> jax.Array:
+    """:func:`cat_scale_masks` of every layer, ``(K, L, d)`` in and out (jitted once per shape, not traced per leaf)."""
+    return jax.vmap(lambda tl, sl: cat_scale_masks(tl, sl, lam=lam, c=c), in_axes=(1, 1), out_axes=1)(t, sq)
+
+
+@functools.partial(jax.jit, static_argnames=("c",))
+def _layer_shift_masks(t: jax.Array, counts: jax.Array | None, lam: Any, *, c: int) -> jax.Array:
+    """:func:`cat_shift_masks` of every layer, ``(K, L, d)`` in and out; ``counts (K, L)`` or None (balanced)."""
+    if counts is None:
+        return jax.vmap(lambda tl: cat_shift_masks(tl, c=c), in_axes=1, out_axes=1)(t)
+    return jax.vmap(lambda tl, nl: cat_shift_masks(tl, c=c, counts=nl, lam=lam), in_axes=(1, 1), out_axes=1)(t, counts)
 
 
 def shift_masking(c: int = 3, *, lam: float | None = None) -> Trimmer:
@@ -437,11 +458,10 @@ def shift_masking(c: int = 3, *, lam: float | None = None) -> Trimmer:
         t = _stop(_flat(leaf))  # (K, L, d)
         check_c(c, t.shape[-1], leaf.path)
         if lam is None:
-            return jax.vmap(lambda tl: cat_shift_masks(tl, c=c), in_axes=1, out_axes=1)(t)
+            return _layer_shift_masks(t, None, None, c=c)
         _stat_arrays(leaf, "count")
         counts = jnp.stack(_row_counts(leaf, leaf.stats)).astype(t.dtype)  # (K, L)
-        return jax.vmap(lambda tl, nl: cat_shift_masks(tl, c=c, counts=nl, lam=_stop(lam)), in_axes=(1, 1),
-                        out_axes=1)(t, _stop(counts))
+        return _layer_shift_masks(t, _stop(counts), _stop(lam), c=c)
 
     return Trimmer(init, _mask_apply)
 
@@ -657,19 +677,28 @@ def tree_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTre
     spec_leaves = [sp for _, sp in leaves_with_paths(specs, is_leaf=is_spec)]
     task_leaves = [jax.tree.leaves(t) for t in fts]
     stat_leaves = None if stats is None else [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
-    leaves, bases = [], []
-    for j, base in enumerate(base_leaves):
-        base = jnp.asarray(base)
-        compute = _compute_dtype(base.dtype)
+    bases = [jnp.asarray(base) for base in base_leaves]
+    all_tvs = _stacked_task_vectors(bases, [list(t) for t in zip(*task_leaves)])
+    leaves = []
+    for j, base in enumerate(bases):
         spec = spec_leaves[j]
         leaf_stats = None if stat_leaves is None else [s[j] for s in stat_leaves]
         if leaf_stats and leaf_stats[0].count is not None and np.ndim(leaf_stats[0].count) > 0:
             spec = with_stacking(spec, base.shape, np.ndim(leaf_stats[0].count))
             check_spec(paths[j], base.shape, spec)
-        tvs = jnp.stack([jnp.asarray(t[j]).astype(compute) - base.astype(compute) for t in task_leaves])
-        leaves.append(LeafInput(paths[j], spec, tvs, leaf_stats))
-        bases.append(base)
+        leaves.append(LeafInput(paths[j], spec, all_tvs[j], leaf_stats))
     return TreeInputs(leaves, bases, treedef, view.rebuild)
+
+
+@jax.jit
+def _stacked_task_vectors(bases: list[jax.Array], tasks: list[list[Any]]) -> list[jax.Array]:
+    """Per leaf ``(K, *shape)`` task vectors ``W_k − W0`` in the leaf's compute dtype; one call for the whole tree
+    (the host transfers and subtractions of every leaf run in one dispatch instead of several per leaf)."""
+    out = []
+    for base, per_task in zip(bases, tasks):
+        compute = _compute_dtype(base.dtype)
+        out.append(jnp.stack([jnp.asarray(t).astype(compute) - base.astype(compute) for t in per_task]))
+    return out
 
 
 @contextlib.contextmanager
@@ -836,12 +865,26 @@ def linear_group_apply(tvs: jax.Array, bases: jax.Array, *, joint: bool = False)
 # ------------------------------------------------------------------------------------------------------------
 
 
-class _LinearLeaf(NamedTuple):
-    index: tuple[int, int]  # (leaf, layer within the leaf)
-    shape: tuple[int, ...]
-    tvs: jax.Array  # (K, in, out)
-    form: str
-    data: jax.Array
+@functools.partial(jax.jit, static_argnames=("picks", "pad"))
+def _stack_layers(arrays: tuple[jax.Array, ...], picks: tuple[tuple[int, int], ...], pad: int) -> jax.Array:
+    """``(len(picks) + pad, K, ...)``: layer ``l`` of ``arrays[a]`` (each ``(K, layers, ...)``) for every ``(a, l)``
+    in ``picks``, then ``pad`` zero layers; one dispatch for a whole chunk of a group."""
+    layers = [arrays[a][:, layer] for a, layer in picks]
+    return jnp.stack(layers + [jnp.zeros_like(layers[0])] * pad)
+
+
+@functools.partial(jax.jit, static_argnames=("picks", "specs", "shapes", "per_task"))
+def _leaf_updates(chunks: tuple[jax.Array, ...], picks: tuple[tuple[tuple[int, int], ...], ...],
+                  specs: tuple[LeafSpec, ...], shapes: tuple[tuple[int, ...], ...], per_task: bool) -> list[jax.Array]:
+    """Every linear leaf's update from the group results: leaf ``j`` gathers its layers ``chunks[c][row]`` for
+    ``(c, row)`` in ``picks[j]`` (in layer order) and takes its own shape (``(K, *shape)`` with ``per_task``)."""
+    out = []
+    for leaf_picks, spec, shape in zip(picks, specs, shapes):
+        stacked = jnp.stack([chunks[c][row] for c, row in leaf_picks])  # (layers, [K,] in, out)
+        if per_task:
+            stacked = jnp.moveaxis(stacked, 0, 1)  # (K, layers, in, out)
+        out.append(spec.from_matrices(stacked, shape))
+    return out
 
 
 def _chunks(items: list, per_item_bytes: int, budget: int, multiple: int) -> list[list]:
@@ -874,10 +917,14 @@ def _group_update(tvs: jax.Array, bases: jax.Array, *, joint: bool, rescale_norm
 
 
 @jax.jit
-def _combine(base: jax.Array, update: jax.Array, alpha: jax.Array) -> jax.Array:
-    """``W0 + α Σ_i T̃_i`` in the wider of the leaf dtype and float32, cast back."""
-    compute = compute_dtype(base.dtype) if jnp.issubdtype(base.dtype, jnp.floating) else jnp.dtype(jnp.float32)
-    return (base.astype(compute) + alpha.astype(compute) * update.astype(compute)).astype(base.dtype)
+def _combine(bases: list[jax.Array], updates: list[jax.Array], alpha: jax.Array) -> list[jax.Array]:
+    """``W0 + α Σ_i T̃_i`` per leaf in the wider of the leaf dtype and float32, cast back (all leaves in one
+    dispatch)."""
+    merged = []
+    for base, update in zip(bases, updates):
+        compute = compute_dtype(base.dtype) if jnp.issubdtype(base.dtype, jnp.floating) else jnp.dtype(jnp.float32)
+        merged.append((base.astype(compute) + alpha.astype(compute) * update.astype(compute)).astype(base.dtype))
+    return merged
 
 
 class GroupSolve(NamedTuple):
@@ -937,7 +984,7 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
                                        per_task=False, clock=clock)
     t0 = time.perf_counter()
     alpha_arr = jnp.asarray(alpha)
-    merged = [_combine(base, update, alpha_arr) for base, update in zip(inputs.bases, updates)]
+    merged = _combine(list(inputs.bases), list(updates), alpha_arr)
     if not traced:
         jax.block_until_ready(merged)
     clock["apply"] += time.perf_counter() - t0
@@ -968,18 +1015,20 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
 
     update_by_index: dict[int, jax.Array] = {}
     unresolved_leaves: set[str] = set()
-    layer_updates: dict[int, dict[int, jax.Array]] = {}  # per linear leaf: layer -> its update (K, in, out)|(in, out)
-    groups: dict[tuple, list[_LinearLeaf]] = {}
+    linear_leaves: list[int] = []  # leaf indices, in the order of `matrices`/`inputs_data`
+    matrices, inputs_data = [], []  # per linear leaf: (K, layers, in, out) and (K, layers, ...)
+    groups: dict[tuple, list[tuple[int, int]]] = {}  # -> members (position in linear_leaves, layer)
     for j, leaf in enumerate(inputs.leaves):
         if leaf.spec.role is Role.LINEAR and trim_linear:
             mats = leaf.spec.matrices(leaf.task_vectors, lead=1)  # (K, layers, in, out)
             check_c(c, mats.shape[-1], leaf.path)
             form, data = linear_inputs(leaf, normalize_by_count)  # (K, layers, ...)
-            layer_updates[j] = {}
-            for layer in range(mats.shape[1]):
-                key = (form, (mats.shape[0],) + mats.shape[2:], data.shape[:1] + data.shape[2:], str(mats.dtype))
-                groups.setdefault(key, []).append(_LinearLeaf((j, layer), leaf.task_vectors.shape, mats[:, layer],
-                                                              form, data[:, layer]))
+            position = len(linear_leaves)
+            linear_leaves.append(j)
+            matrices.append(mats)
+            inputs_data.append(data)
+            key = (form, (mats.shape[0],) + mats.shape[2:], data.shape[:1] + data.shape[2:], str(mats.dtype))
+            groups.setdefault(key, []).extend((position, layer) for layer in range(mats.shape[1]))
         else:
             t0 = time.perf_counter()
             trimmer = table.get(leaf.spec.role, identity_trimmer())
@@ -995,6 +1044,9 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
                         unit="group")
     sharded = place is not None
     place = (lambda x: x) if place is None else place
+    chunk_updates: list[jax.Array] = []
+    layer_sources: dict[int, dict[int, tuple[int, int]]] = {p: {} for p in range(len(linear_leaves))}
+    matrices, inputs_data = tuple(matrices), tuple(inputs_data)
     for (form, (num_tasks, fan_in, fan_out), data_shape, _), members in iterator:
         plan = plan_linear(num_tasks, fan_in, fan_out, c, rows=data_shape[1] if form == "rows" else None,
                            solver=solver, strategy=strategy)
@@ -1005,9 +1057,8 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
         for chunk in _chunks(members, per_layer, max_group_bytes, layer_multiple):
             t0 = time.perf_counter()
             pad = (-len(chunk)) % layer_multiple
-            tvs = jnp.stack([m.tvs for m in chunk] + [jnp.zeros_like(chunk[0].tvs)] * pad)
-            data = jnp.stack([m.data for m in chunk] + [jnp.zeros_like(chunk[0].data)] * pad)
-            tvs, data = place(tvs), place(data)
+            tvs = place(_stack_layers(matrices, tuple(chunk), pad))
+            data = place(_stack_layers(inputs_data, tuple(chunk), pad))
             bases = linear_group_bases(tvs, data, lam=lam, c=c, plan=plan, valid_layers=len(chunk),
                                        batch_mode=batch_mode, counts=clock,
                                        min_gap=min_gap, strict_top_c=strict_top_c)
@@ -1021,22 +1072,24 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
             clock["apply"] += time.perf_counter() - t1
             if sharded:
                 update = gather(update)
-            for i, m in enumerate(chunk):
-                leaf_index, layer = m.index
-                layer_updates[leaf_index][layer] = update[i]
+            for row, (position, layer) in enumerate(chunk):
+                layer_sources[position][layer] = (len(chunk_updates), row)
+            chunk_updates.append(update)
             for layer_in_chunk, _task in clock.pop("unresolved", []):
-                unresolved_leaves.add(inputs.leaves[chunk[layer_in_chunk].index[0]].path)
+                unresolved_leaves.add(inputs.leaves[linear_leaves[chunk[layer_in_chunk][0]]].path)
         clock["groups"].append({"shape": (fan_in, fan_out), "layers": len(members), "form": plan.form,
                                 "strategy": plan.strategy, "solver": plan.solver,
                                 "fallbacks": clock["fallbacks"] - fallbacks_before,
                                 "bases_seconds": clock["bases"] - group_start})
 
     t0 = time.perf_counter()
-    for j, parts in layer_updates.items():
-        stacked = jnp.stack([parts[layer] for layer in range(len(parts))])  # (layers, [K,] in, out)
-        if per_task:
-            stacked = jnp.moveaxis(stacked, 0, 1)  # (K, layers, in, out)
-        update_by_index[j] = inputs.leaves[j].spec.from_matrices(stacked, inputs.leaves[j].task_vectors.shape[1:])
+    if linear_leaves:
+        picks = tuple(tuple(layer_sources[p][layer] for layer in range(len(layer_sources[p])))
+                      for p in range(len(linear_leaves)))
+        leaves = [inputs.leaves[j] for j in linear_leaves]
+        updates = _leaf_updates(tuple(chunk_updates), picks, tuple(leaf.spec for leaf in leaves),
+                                tuple(leaf.task_vectors.shape[1:] for leaf in leaves), per_task)
+        update_by_index.update(zip(linear_leaves, updates))
     clock["apply"] += time.perf_counter() - t0
     if unresolved_leaves:
         with one_gap_warning():

@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.linalg import (block_krylov_top, eigh_largest, qr, choose_solver, eigh_flops, eigh_top, krylov_config,
-                                 krylov_flops, map_batch, MIN_ITERATIVE_N)
+from catmerge_jax.linalg import (block_krylov_top, choose_solver, eigh_flops, eigh_largest, factored_largest,
+                                 krylov_config, krylov_flops, map_batch, MIN_ITERATIVE_N)
 from catmerge_jax.tree import gather, is_concrete
 
 __all__ = ["GAP_FLOOR", "POSITIVE_RTOL", "LinearPlan", "plan_linear", "cat_linear_bases", "cat_linear_bases_from_rows",
            "conflict_matrices_from_grams", "conflict_matrices_from_rows", "top_with_gap", "gap_flags",
-           "low_rank_bases", "positive_directions", "linear_group_bases"]
+           "low_rank_bases", "positive_directions", "positive_bound", "keep_positive", "linear_group_bases"]
 
 # --------------------------------------------------------------------------------------------------------------
 # G_k of one layer, for every task. Pure functions of stacked (K, ...) arrays.
@@ -87,22 +87,53 @@ def gap_flags(values_desc: jax.Array, c: int, scale: jax.Array) -> jax.Array:
 def top_with_gap(matrix: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
     """Top-c eigenvectors ``(..., n, c)`` (exact, :func:`catmerge_jax.linalg.eigh_largest`) and the
     unresolvable-gap flags ``(...,)``."""
+    vectors, _, unresolved = _top_values_gap(matrix, c)
+    return vectors, unresolved
+
+
+def _top_values_gap(matrix: jax.Array, c: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`top_with_gap` with the c eigenvalues ``(..., c)`` between: ``(vectors, values, unresolved)``."""
     if c == 0:
-        return jnp.zeros(matrix.shape[:-1] + (0,), matrix.dtype), jnp.zeros(matrix.shape[:-2], bool)
+        return (jnp.zeros(matrix.shape[:-1] + (0,), matrix.dtype), jnp.zeros(matrix.shape[:-2] + (0,), matrix.dtype),
+                jnp.zeros(matrix.shape[:-2], bool))
     values, vectors, scale = eigh_largest(matrix, min(c + 1, matrix.shape[-1]))  # one more: the gap
-    return vectors[..., :c], gap_flags(values, c, scale)
+    return vectors[..., :c], values[..., :c], gap_flags(values, c, scale)
+
+
+def positive_bound(y: jax.Array, lam: Any) -> jax.Array:
+    """``(K,)``: ``Σ_{i≠k} ‖X_k T_i‖² + λ‖X_i T_i‖²`` (≥ ‖G_k‖₂, the scale of :data:`POSITIVE_RTOL`) from
+    ``y[k, i] = X_k T_i`` ``(K, K, n, out)``."""
+    sq = jnp.sum(jnp.square(y), axis=(2, 3))  # (k, i)
+    own = jnp.diagonal(sq)
+    return sq.sum(1) - own + lam * (own.sum() - own)
+
+
+def keep_positive(bases: jax.Array, values: jax.Array, bound: jax.Array) -> jax.Array:
+    """``bases (..., out, c)`` with each column whose eigenvalue ``values (..., c)`` is not above
+    ``POSITIVE_RTOL · bound (...)`` zeroed: the rule of :func:`positive_directions`, from the solver's eigenvalues
+    (``θ = bᵀ G_k b`` for an eigenvector) instead of recomputing ``bᵀ G_k b``."""
+    keep = values > POSITIVE_RTOL * bound[..., None]
+    return bases * keep[..., None, :].astype(bases.dtype)
 
 
 def conflict_matrices_from_grams(task_vectors: jax.Array, grams: jax.Array, lam: Any) -> jax.Array:
+    """``(K, out, out)``: every ``G_k`` from ``(K, in, out)`` task vectors and ``(K, in, in)`` Grams."""
+    return _grams_conflict_and_bound(task_vectors, grams, lam)[0]
+
+
+def _grams_conflict_and_bound(task_vectors: jax.Array, grams: jax.Array, lam: Any) -> tuple[jax.Array, jax.Array]:
+    """Every ``G_k`` and its :func:`positive_bound` ``(K,)``, read off the traces of the two terms."""
     num_tasks = task_vectors.shape[0]
     # own[i] = T_iᵀ A_i T_i, the knowledge-preservation term of each task.
     own = jnp.einsum("iab,iac,icd->ibd", task_vectors, grams, task_vectors)
     own_total = own.sum(0)
+    own_trace = jnp.trace(own, axis1=-2, axis2=-1)  # ‖X_i T_i‖²
 
     def one(k, gram_k):
         w = _others_weight(k, num_tasks, task_vectors.dtype)
         conflict = jnp.einsum("iab,ac,icd,i->bd", task_vectors, gram_k, task_vectors, w)
-        return conflict - lam * (own_total - own[k])
+        bound = jnp.trace(conflict) + lam * (own_trace.sum() - own_trace[k])
+        return conflict - lam * (own_total - own[k]), bound
 
     return jax.vmap(one)(jnp.arange(num_tasks), grams)
 
@@ -141,6 +172,23 @@ def low_rank_bases(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int) -
 
 
 def low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):
+    bases, _, unresolved, _ = _low_rank_solve(task_vectors, rows, lam, c)
+    return bases, unresolved
+
+
+def _low_rank_solve(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):
+    """``(bases (K, out, c), values (K, c), unresolved (K,), bound (K,))`` by the low-rank path."""
+    num_tasks, out = task_vectors.shape[0], task_vectors.shape[-1]
+    if c == 0:
+        y = jnp.einsum("kna,iab->kinb", rows, task_vectors)
+        return (jnp.zeros((num_tasks, out, 0), task_vectors.dtype), jnp.zeros((num_tasks, 0), task_vectors.dtype),
+                jnp.zeros((num_tasks,), bool), positive_bound(y, lam))
+    z, d, bound = _low_rank_factors(task_vectors, rows, lam, c)
+    return _low_rank_top(z, d, c) + (bound,)
+
+
+def _low_rank_factors(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):
+    """``(Z (K, m, out), d (K, m), bound (K,))`` with ``G_k = Z_kᵀ diag(d_k) Z_k``, ``m = 2(K−1)n + c``."""
     num_tasks, n = rows.shape[0], rows.shape[1]
     out = task_vectors.shape[-1]
     y = jnp.einsum("kna,iab->kinb", rows, task_vectors)  # Y[k, i] = X_k T_i
@@ -148,9 +196,6 @@ def low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, 
     # c extra rows of weight 0 make the factored subspace contain c null-space directions of G_k, so the
     # eigenvalue 0 is represented whenever it belongs to the top c. Fixed, so results are deterministic.
     extra = jax.random.normal(jax.random.key(0), (c, out), task_vectors.dtype)
-
-    if c == 0:
-        return jnp.zeros((num_tasks, out, 0), task_vectors.dtype), jnp.zeros((num_tasks,), bool)
 
     def operator(k, y_k):
         # Only the K − 1 other tasks' rows: both terms exclude i = k, and every row left in costs the QR and
@@ -160,12 +205,16 @@ def low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, 
         rows_per_term = (num_tasks - 1) * n
         z = jnp.concatenate([y_k[others].reshape(-1, out), own[others].reshape(-1, out), extra])
         ones = jnp.ones((rows_per_term,), y.dtype)
-        return z.T, jnp.concatenate([ones, -lam * ones, jnp.zeros((c,), y.dtype)])
+        return z, jnp.concatenate([ones, -lam * ones, jnp.zeros((c,), y.dtype)])
 
-    zt, d = jax.vmap(operator)(jnp.arange(num_tasks), y)  # (K, out, m), (K, m)
-    q, r = qr(zt)  # (K, out, m), (K, m, m)
-    v, unresolved = top_with_gap((r * d[:, None, :]) @ jnp.swapaxes(r, -1, -2), c)
-    return q @ v, unresolved
+    z, d = jax.vmap(operator)(jnp.arange(num_tasks), y)
+    return z, d, positive_bound(y, lam)
+
+
+def _low_rank_top(z: jax.Array, d: jax.Array, c: int):
+    """``(bases (..., out, c), values (..., c), unresolved (...))`` from the factors of :func:`_low_rank_factors`."""
+    values, vectors, scale = factored_largest(z, d, min(c + 1, z.shape[-2]))  # one more: the gap
+    return vectors[..., :c], values[..., :c], gap_flags(values, c, scale)
 
 
 @functools.partial(jax.jit, static_argnames=("form",))
@@ -217,6 +266,12 @@ def symmetric_gram(z: jax.Array) -> jax.Array:
 
 
 def conflict_matrices_from_rows(task_vectors: jax.Array, rows: jax.Array, lam: Any) -> jax.Array:
+    """``(K, out, out)``: every ``G_k`` from ``(K, in, out)`` task vectors and ``(K, n, in)`` rows."""
+    return _rows_conflict_and_bound(task_vectors, rows, lam)[0]
+
+
+def _rows_conflict_and_bound(task_vectors: jax.Array, rows: jax.Array, lam: Any) -> tuple[jax.Array, jax.Array]:
+    """Every ``G_k`` and its :func:`positive_bound` ``(K,)``."""
     num_tasks, out = task_vectors.shape[0], task_vectors.shape[-1]
     # Y[k, i] = X_k T_i  (K, K, n, out): the outputs each task-i edit causes on task k's exemplars.
     y = jnp.einsum("kna,iab->kinb", rows, task_vectors)
@@ -231,7 +286,7 @@ def conflict_matrices_from_rows(task_vectors: jax.Array, rows: jax.Array, lam: A
         return symmetric_gram(y_k) - lam * (own_total - own[k].T @ own[k])
 
     # lax.map: one (out, out) product in flight at a time instead of K.
-    return jax.lax.map(one, jnp.arange(num_tasks))
+    return jax.lax.map(one, jnp.arange(num_tasks)), positive_bound(y, lam)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -316,20 +371,26 @@ def _rows_operator(y: jax.Array, k: jax.Array, lam: Any) -> tuple[jax.Array, jax
 @functools.partial(jax.jit, static_argnames=("c", "plan", "batch_mode", "min_gap"))
 def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: LinearPlan, batch_mode: str = "auto",
                  min_gap: float | None = None):
-    """``(bases (L, K, out, c), converged (L, K), unresolved (L, K))`` for one group (non-converged entries still
-    to be fixed; ``unresolved``: the top-c eigengap is below the working precision's resolution)."""
+    """``(bases (L, K, out, c), values (L, K, c), converged (L, K), unresolved (L, K), bound (L, K))`` for one
+    group: the solver's eigenvalues and the :func:`positive_bound` decide which directions are kept; non-converged
+    entries are still to be fixed; ``unresolved``: the top-c eigengap is below the working precision's
+    resolution."""
     num_tasks, out = tvs.shape[1], tvs.shape[-1]
     config = krylov_config(c, out) if min_gap is None else krylov_config(c, out, min_gap=min_gap)
+    # The merge holds its bases fixed under differentiation (eigenspaces have no derivative at ties), so nothing
+    # here needs a tangent.
+    tvs, data, lam = jax.lax.stop_gradient((tvs, data, lam))
 
     def krylov_unresolved(res):
         floor = GAP_FLOOR * jnp.finfo(res.values.dtype).eps * res.scale
         return (res.values[..., c - 1] > floor) & (res.gap <= floor)
 
     if plan.strategy == "low_rank":
-        # a loop over layers on CPU: under vmap the per-matrix LAPACK calls would be batched again (see eigh)
-        bases, unresolved = map_batch(lambda args: low_rank_bases_with_gap(*args, lam, c), (tvs, data),
-                                      mode=batch_mode)
-        return bases, jnp.ones(bases.shape[:2], bool), unresolved
+        # The factors layer by layer (a loop on CPU keeps one layer's K² products alive at a time), then ONE
+        # factored solve for the whole group (on CPU one host call for all its (layer, task) pairs).
+        z, d, bound = map_batch(lambda args: _low_rank_factors(*args, lam, c), (tvs, data), mode=batch_mode)
+        bases, values, unresolved = _low_rank_top(z, d, c)
+        return bases, values, jnp.ones(bases.shape[:2], bool), unresolved, bound
 
     if plan.strategy == "matrix_free":
         def layer(t, rows):
@@ -340,19 +401,20 @@ def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: Lin
                 return block_krylov_top(lambda v: z.T @ (s[:, None] * (z @ v)), c, n=out, config=config)
 
             res = map_batch(task, jnp.arange(num_tasks), mode=batch_mode)
-            return res.vectors, res.converged, krylov_unresolved(res)
+            return res.vectors, res.values, res.converged, krylov_unresolved(res), positive_bound(y, lam)
 
         return map_batch(lambda args: layer(*args), (tvs, data), mode=batch_mode)
 
-    build = conflict_matrices_from_rows if plan.form == "rows" else conflict_matrices_from_grams
-    g = jax.vmap(lambda t, d: build(t, d, lam))(tvs, data)  # (L, K, out, out)
+    build = _rows_conflict_and_bound if plan.form == "rows" else _grams_conflict_and_bound
+    g, bound = jax.vmap(lambda t, d: build(t, d, lam))(tvs, data)  # (L, K, out, out), (L, K)
     if plan.solver == "eigh":
-        bases, unresolved = top_with_gap(g, c)
-        return bases, jnp.ones(g.shape[:2], bool), unresolved
+        bases, values, unresolved = _top_values_gap(g, c)
+        return bases, values, jnp.ones(g.shape[:2], bool), unresolved, bound
     flat = g.reshape((-1,) + g.shape[2:])
     res = map_batch(lambda m: block_krylov_top(m, c, config=config), flat, mode=batch_mode)
-    return (res.vectors.reshape(g.shape[:2] + res.vectors.shape[1:]), res.converged.reshape(g.shape[:2]),
-            krylov_unresolved(res).reshape(g.shape[:2]))
+    lead = g.shape[:2]
+    return (res.vectors.reshape(lead + res.vectors.shape[1:]), res.values.reshape(lead + (c,)),
+            res.converged.reshape(lead), krylov_unresolved(res).reshape(lead), bound)
 
 
 def _conflict_one(t: jax.Array, d: jax.Array, k: jax.Array, lam: Any, form: str) -> jax.Array:
@@ -370,8 +432,13 @@ def _conflict_one(t: jax.Array, d: jax.Array, k: jax.Array, lam: Any, form: str)
 
 @functools.partial(jax.jit, static_argnames=("c", "form"))
 def _fallback_bases(tvs: jax.Array, data: jax.Array, tasks: jax.Array, lam: Any, *, c: int, form: str):
-    """Eigh bases of ``G_k`` for the (layer, task) pairs given by ``tvs``/``data`` (M, K, ...) and ``tasks`` (M,)."""
-    return jax.lax.map(lambda args: eigh_top(_conflict_one(*args, lam, form), c), (tvs, data, tasks))
+    """``(bases (M, out, c), values (M, c))``: exact top-c eigenpairs of ``G_k`` for the (layer, task) pairs given
+    by ``tvs``/``data`` (M, K, ...) and ``tasks`` (M,)."""
+
+    # the matrices in a loop, then one exact solve for all (on CPU one host call)
+    values, vectors, _ = eigh_largest(jax.lax.map(lambda args: _conflict_one(*args, lam, form), (tvs, data, tasks)),
+                                      c)
+    return vectors, values
 
 
 def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, plan: LinearPlan,
@@ -390,7 +457,8 @@ def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, p
       min_gap: overrides :class:`catmerge_jax.linalg.KrylovConfig`'s ``min_gap`` (default 0: accept every
         subspace that converged to the working-precision floor with a resolvable gap; e.g. 1e-3 also defers
         near-tied matrices to eigh, reproducing the plain path's tie-breaking at eigh's cost).
-      strict_top_c: keep every top-c direction even with eigenvalue ≤ 0 (default: :func:`positive_directions`).
+      strict_top_c: keep every top-c direction even with eigenvalue ≤ 0 (default: :func:`positive_directions`'s rule,
+        applied to the solver's eigenvalues by :func:`keep_positive`).
     Returns:
       The bases; every (layer, task) whose iterative solve did not converge is recomputed with eigh. When
       ``counts`` is a dict, ``counts["unresolved"]`` collects the ``(layer, task)`` pairs whose eigengap is below the
@@ -398,8 +466,8 @@ def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, p
     """
     if c == 0:
         return jnp.zeros(tvs.shape[:2] + (tvs.shape[-1], 0), tvs.dtype)
-    bases, converged, unresolved = _group_bases(tvs, data, lam, c=c, plan=plan, batch_mode=batch_mode,
-                                                min_gap=min_gap)
+    bases, values, converged, unresolved, bound = _group_bases(tvs, data, lam, c=c, plan=plan,
+                                                               batch_mode=batch_mode, min_gap=min_gap)
     real = tvs.shape[0] if valid_layers is None else valid_layers
     if counts is not None and is_concrete(unresolved):
         counts.setdefault("unresolved", []).extend(
@@ -416,13 +484,12 @@ def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, p
             counts["fallbacks"] = counts.get("fallbacks", 0) + len(bad)
         if len(bad):
             layers, tasks = bad[:, 0], bad[:, 1]
-            fixed = _fallback_bases(tvs[layers], data[layers], jnp.asarray(tasks), lam, c=c, form=plan.form)
+            fixed, fixed_values = _fallback_bases(tvs[layers], data[layers], jnp.asarray(tasks), lam, c=c,
+                                                  form=plan.form)
             bases = bases.at[layers, tasks].set(fixed)
+            values = values.at[layers, tasks].set(fixed_values)
     # once, on the final bases (fallbacks included)
-    return bases if strict_top_c else _positive(tvs, data, bases, lam, form=plan.form)
+    return bases if strict_top_c else _keep_positive(bases, values, bound)
 
 
-@functools.partial(jax.jit, static_argnames=("form",))
-def _positive(tvs: jax.Array, data: jax.Array, bases: jax.Array, lam: Any, *, form: str) -> jax.Array:
-    """:func:`catmerge_jax.positive_directions` for every layer of a group ``(L, K, ...)``."""
-    return jax.vmap(lambda t, d, b: positive_directions(t, d, b, lam=lam, form=form))(tvs, data, bases)
+_keep_positive = jax.jit(keep_positive)

@@ -207,8 +207,10 @@ def check_finite(tree: PyTree, *, what: str = "tree") -> None:
             continue
         arr = np.asarray(leaf)
         if np.issubdtype(arr.dtype, np.inexact) or arr.dtype.name == "bfloat16":
-            if not np.all(np.isfinite(arr.astype(np.float32))):
-                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr.astype(np.float32))))
+            if not np.issubdtype(arr.dtype, np.inexact):  # NumPy's isfinite does not take ml_dtypes' bfloat16
+                arr = arr.astype(np.float32)
+            if not np.all(np.isfinite(arr)):
+                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
                 raise NonFiniteError(f"{what}: leaf '{path}' holds {bad} NaN/Inf value(s); weights and statistics "
                                      "must be finite")
 

@@ -90,11 +90,12 @@ def lapack_floor(groups: list[dict], num_tasks: int, rows: int, c: int, repeats:
 
     For each linear group the plan ran, the same calls on random matrices of the same shapes, one per
     (layer, task) as the merge makes them: the exact top-(c + 1) eigenpairs of each ``out × out`` ``G_k``
-    (explicit groups), or the reduced QR of each ``(out, m)`` row block, ``m = 2(K − 1)·rows + c``, and the top
-    eigenpairs of its ``m × m`` core (low-rank groups). No G_k is formed and nothing else runs: a bound from below
-    on what any exact merge with these solvers costs on this machine.
+    (explicit groups), or :func:`catmerge_jax.linalg.factored_largest` of each ``(m, out)`` row block,
+    ``m = 2(K − 1)·rows + c`` (its Householder QR, the top eigenpairs of the ``m × m`` core, Q applied to them; the
+    low-rank groups). No G_k is formed and nothing else runs: a bound from below on what any exact merge with
+    these solvers costs on this machine.
     """
-    from catmerge_jax.linalg import eigh_largest, qr
+    from catmerge_jax.linalg import eigh_largest, factored_largest
 
     rng = np.random.default_rng(0)
 
@@ -102,8 +103,8 @@ def lapack_floor(groups: list[dict], num_tasks: int, rows: int, c: int, repeats:
         a = rng.standard_normal((batch, n, n)).astype(np.float32)
         return jnp.asarray(a + np.swapaxes(a, -1, -2))
 
-    top = jax.jit(lambda g: jax.lax.map(lambda m: eigh_largest(m, c + 1)[1], g))
-    factor = jax.jit(lambda z: qr(z)[1])
+    top = jax.jit(lambda g: eigh_largest(g, c + 1)[1])
+    factored = jax.jit(lambda z, w: factored_largest(z, w, c + 1)[1])
     total, per_group = 0.0, []
     for g in groups:
         if g["solver"] != "eigh":
@@ -111,11 +112,11 @@ def lapack_floor(groups: list[dict], num_tasks: int, rows: int, c: int, repeats:
         fan_out, count = g["shape"][1], g["layers"] * num_tasks
         if g["strategy"] == "low_rank":
             m = 2 * (num_tasks - 1) * rows + c
-            blocks = jnp.asarray(rng.standard_normal((count, fan_out, m)).astype(np.float32))
-            cores = symmetric(count, m)
-            jax.block_until_ready((factor(blocks), top(cores)))
-            seconds, _ = fastest(lambda: (factor(blocks), top(cores)), repeats)
-            calls = f"{count} QR ({fan_out}, {m}) + {count} top-{c + 1} of {m}²"
+            blocks = jnp.asarray(rng.standard_normal((count, m, fan_out)).astype(np.float32))
+            weights = jnp.asarray(rng.standard_normal((count, m)).astype(np.float32))
+            jax.block_until_ready(factored(blocks, weights))
+            seconds, _ = fastest(lambda: factored(blocks, weights), repeats)
+            calls = f"{count} QR ({fan_out}, {m}) + top-{c + 1} of their {m}² cores + Q applied to {c + 1} vectors"
         else:
             mats = symmetric(count, fan_out)
             jax.block_until_ready(top(mats))

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+import jax.numpy as jnp
+
 import catmerge_jax as cm
 from catmerge_jax.cat import POSITIVE_RTOL, UnresolvedGapWarning
 from tests import reference as ref
@@ -82,6 +84,51 @@ def test_positive_directions_matches_the_eigenvalue_sign(x64):
         for j in range(4):
             expected = bases[k][:, j] if values[j] > 1e-9 else np.zeros(7)
             np.testing.assert_allclose(kept[k][:, j], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("form,strategy", [("rows", "explicit"), ("rows", "low_rank"), ("gram", "explicit")])
+def test_the_grouped_solve_keeps_the_directions_positive_directions_keeps(x64, form, strategy):
+    """The grouped path decides which directions to keep from the solver's eigenvalues and a bound read off the
+    conflict terms (no second pass over the rows); the public positive_directions recomputes bᵀG_kb and
+    Σ‖X_kT_i‖² + λ‖X_iT_i‖² from scratch. On a problem where some G_k have fewer positive eigenvalues than c, both
+    zero the same columns of the same bases."""
+    from catmerge_jax.conflict import linear_group_bases, plan_linear
+
+    rng = np.random.default_rng(4)
+    tvs = rng.normal(size=(2, 3, 6, 40))  # (layers, K, in, out)
+    rows = rng.normal(size=(2, 3, 1, 6))  # 1 row per task: Σ_{i≠k} Y_kiᵀY_ki has rank ≤ 2, so ≤ 2 of c = 4 are > 0
+    data = rows if form == "rows" else np.einsum("lkna,lknb->lkab", rows, rows)
+    plan = plan_linear(3, 6, 40, 4, rows=1 if form == "rows" else None, strategy=strategy, solver="eigh")
+    assert plan.strategy == strategy
+    strict = np.asarray(linear_group_bases(jnp.asarray(tvs), jnp.asarray(data), lam=1.0, c=4, plan=plan,
+                                           strict_top_c=True))
+    kept = np.asarray(linear_group_bases(jnp.asarray(tvs), jnp.asarray(data), lam=1.0, c=4, plan=plan))
+    zeroed = 0
+    for layer in range(2):
+        want = np.asarray(cm.positive_directions(tvs[layer], data[layer], strict[layer], lam=1.0, form=form))
+        np.testing.assert_allclose(kept[layer], want, atol=1e-12)
+        zeroed += int(np.sum(np.all(want == 0, axis=1)))
+    assert 0 < zeroed < 2 * 3 * 4  # the case has both kinds of columns
+
+
+def test_the_positive_bound_from_rows_and_from_gram_traces_equals_its_definition(x64):
+    """``Σ_{i≠k} ‖X_kT_i‖² + λ‖X_iT_i‖²``: from the rows (positive_bound of Y = X_k T_i) and from the traces of the
+    two conflict terms built from Grams, against a NumPy loop over the definition."""
+    from catmerge_jax import conflict
+
+    rng = np.random.default_rng(5)
+    T, X, lam = rng.normal(size=(3, 6, 9)), rng.normal(size=(3, 4, 6)), 2.5
+    want = [sum(np.sum((X[k] @ T[i]) ** 2) + lam * np.sum((X[i] @ T[i]) ** 2) for i in range(3) if i != k)
+            for k in range(3)]
+    g_rows, from_rows = conflict._rows_conflict_and_bound(jnp.asarray(T), jnp.asarray(X), lam)
+    g_gram, from_gram = conflict._grams_conflict_and_bound(jnp.asarray(T), jnp.asarray(np.einsum("kna,knb->kab", X, X)),
+                                                          lam)
+    np.testing.assert_allclose(np.asarray(from_rows), want, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(from_gram), want, rtol=1e-12)
+    for k in range(3):  # and the matrices beside them are G_k
+        expected = ref.conflict_matrix(list(T), [x.T @ x for x in X], lam, k)
+        np.testing.assert_allclose(np.asarray(g_rows[k]), expected, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(g_gram[k]), expected, atol=1e-10)
 
 
 def _near_tie_problem():

@@ -162,3 +162,82 @@ def test_eigh_largest_runs_lapacks_selected_route_on_cpu_and_differentiates_like
     assert np.isnan(np.asarray(linalg.eigh_largest(bad, 2)[1])).all()
     with pytest.raises(ValueError, match="k must be in"):
         linalg.eigh_largest(m, 0)
+
+
+
+def test_host_solvers_keep_float64_inside_an_enable_x64_context_and_a_loop():
+    """``with jax.enable_x64(True)`` is thread-local, and XLA:CPU may run a host callback on a worker thread, where
+    JAX would read float64 operands as float32 (and refuse float64 results; seen in the K = 1 merge test of
+    test_cat_merge, depending on the program). host_call moves them as uint32 bit patterns: this checks that the
+    round trip gives float64 answers to float64 accuracy (eigenvalues 1e-11 apart), also inside lax.map."""
+    from catmerge_jax import linalg
+
+    rng = np.random.default_rng(7)
+    mats = np.stack([_matrix(np.concatenate([[3.0, 2.0, 2.0 - 1e-11], rng.uniform(-9.0, 1.0, 9)]), s)
+                     for s in range(4)])
+    z, w = _factored_problem((4,), 5, 12, positive=4, seed=3)
+    with jax.enable_x64(True):
+        values, vectors, _ = jax.jit(lambda a: jax.lax.map(lambda m: linalg.eigh_largest(m, 3), a))(jnp.asarray(mats))
+        f_values, _, _ = jax.jit(lambda a, b: jax.lax.map(lambda x: linalg.factored_largest(x[0], x[1], 2), (a, b)))(
+            jnp.asarray(z), jnp.asarray(w))
+    assert values.dtype == f_values.dtype == jnp.float64
+    for j in range(4):
+        theta = np.linalg.eigvalsh(mats[j])[::-1]
+        np.testing.assert_allclose(np.asarray(values[j]), theta[:3], atol=1e-12)  # 1e-11 apart: float64 only
+        np.testing.assert_allclose(np.asarray(f_values[j]), np.linalg.eigvalsh((z[j].T * w[j]) @ z[j])[::-1][:2],
+                                   rtol=1e-10)
+
+# ----------------------------------------------------------------------------------------------------------------
+# factored_largest: top eigenpairs of Zᵀ diag(w) Z from the QR of Zᵀ, against the dense float64 matrix.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _factored_problem(lead, m, n, positive, seed):
+    """Full-row-rank Z (…, m, n) and weights with `positive` positive entries: by Sylvester's law of inertia G has
+    exactly that many positive eigenvalues, so its top ones are in range(Zᵀ) (the rest of the space holds 0)."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(lead + (m, n)) * np.geomspace(1.0, 1e-2, m)[:, None]  # graded rows, as CAT's Y blocks
+    w = -rng.uniform(1.0, 5.0, lead + (m,))
+    w[..., :positive] = rng.uniform(0.5, 2.0, lead + (positive,))
+    return z, w
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+def test_factored_largest_equals_the_dense_eigenpairs(x64, dtype, tol):
+    """Values to ``tol·‖G‖`` and each vector an eigenvector of the dense float64 G (float32: the QR and the core
+    carry ~1e-6 relative rounding, amplified by the graded rows' 1e2 spread and the core's gaps)."""
+    from catmerge_jax.linalg import factored_largest
+
+    k = 4
+    z, w = _factored_problem((2, 3), 9, 40, positive=6, seed=0)
+    values, vectors, scale = jax.jit(lambda a, b: factored_largest(a, b, k))(jnp.asarray(z, dtype),
+                                                                         jnp.asarray(w, dtype))
+    assert values.dtype == dtype and vectors.shape == (2, 3, 40, k) and scale.shape == (2, 3)
+    for idx in np.ndindex(2, 3):
+        g = (z[idx].T * w[idx]) @ z[idx]
+        theta, basis = np.linalg.eigh(g)
+        norm = np.abs(theta).max()
+        np.testing.assert_allclose(np.asarray(values[idx], np.float64), theta[::-1][:k], atol=tol * norm)
+        assert float(scale[idx]) == pytest.approx(norm, rel=tol)
+        b = np.asarray(vectors[idx], np.float64)
+        np.testing.assert_allclose(b.T @ b, np.eye(k), atol=tol)
+        top = basis[:, ::-1][:, :k]
+        np.testing.assert_allclose(b @ b.T, top @ top.T, atol=tol * 10)  # the same top-k subspace
+
+
+def test_factored_largest_sees_the_null_space_only_through_rows_of_weight_zero():
+    """With fewer positive weights than k the top-k of G include its eigenvalue 0, which lives outside range(Zᵀ)
+    unless rows of weight 0 span some of it (what CAT's low-rank path adds); the values then match the dense G."""
+    from catmerge_jax.linalg import factored_largest
+
+    z, w = _factored_problem((), 5, 12, positive=1, seed=1)
+    extra = np.random.default_rng(2).standard_normal((3, 12))
+    values = np.asarray(factored_largest(jnp.asarray(np.vstack([z, extra]), jnp.float32),
+                                         jnp.asarray(np.concatenate([w, np.zeros(3)]), jnp.float32), 3)[0])
+    theta = np.linalg.eigvalsh((z.T * w) @ z)[::-1]
+    np.testing.assert_allclose(values, theta[:3], atol=1e-5 * np.abs(theta).max())
+    assert theta[0] > 0 and abs(theta[1]) < 1e-9  # one positive eigenvalue, then the null space's zeros
+    with pytest.raises(ValueError, match="fewer rows than columns"):
+        factored_largest(jnp.ones((4, 4)), jnp.ones((4,)), 1)
+    with pytest.raises(ValueError, match="k must be in"):
+        factored_largest(jnp.ones((2, 4)), jnp.ones((2,)), 3)
