@@ -122,11 +122,6 @@ def eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     return unbatched(lambda m: jnp.linalg.eigh(m, symmetrize_input=True), matrix)
 
 
-def qr(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reduced ``jnp.linalg.qr`` of ``(..., m, n)``, one LAPACK call per matrix on CPU (see :func:`unbatched`)."""
-    return unbatched(jnp.linalg.qr, matrix)
-
-
 def eigh_top(matrix: jax.Array, c: int) -> jax.Array:
     """Top-c eigenvectors, exact (:func:`eigh_largest`): ``(..., n, n) -> (..., n, c)``, decreasing eigenvalue."""
     if c == 0:
