@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["top_eigenvectors", "eigh_top", "eigh_largest", "factored_largest", "block_krylov_top", "KrylovResult", "KrylovConfig",
-           "krylov_config", "map_batch", "eigh_flops", "krylov_flops", "choose_solver"]
+__all__ = ["top_eigenvectors", "eigh_top", "eigh_largest", "factored_largest", "host_call", "block_krylov_top",
+           "KrylovResult", "KrylovConfig", "krylov_config", "map_batch", "eigh_flops", "krylov_flops", "choose_solver"]
 
 
 class KrylovConfig(NamedTuple):
