@@ -172,19 +172,13 @@ def low_rank_bases(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int) -
 
 
 def low_rank_bases_with_gap(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):
-    bases, _, unresolved, _ = _low_rank_solve(task_vectors, rows, lam, c)
-    return bases, unresolved
-
-
-def _low_rank_solve(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):
-    """``(bases (K, out, c), values (K, c), unresolved (K,), bound (K,))`` by the low-rank path."""
-    num_tasks, out = task_vectors.shape[0], task_vectors.shape[-1]
+    """``(bases (K, out, c), unresolved (K,))`` by the low-rank path."""
     if c == 0:
-        y = jnp.einsum("kna,iab->kinb", rows, task_vectors)
-        return (jnp.zeros((num_tasks, out, 0), task_vectors.dtype), jnp.zeros((num_tasks, 0), task_vectors.dtype),
-                jnp.zeros((num_tasks,), bool), positive_bound(y, lam))
-    z, d, bound = _low_rank_factors(task_vectors, rows, lam, c)
-    return _low_rank_top(z, d, c) + (bound,)
+        num_tasks, out = task_vectors.shape[0], task_vectors.shape[-1]
+        return jnp.zeros((num_tasks, out, 0), task_vectors.dtype), jnp.zeros((num_tasks,), bool)
+    z, d, _ = _low_rank_factors(task_vectors, rows, lam, c)
+    bases, _, unresolved = _low_rank_top(z, d, c)
+    return bases, unresolved
 
 
 def _low_rank_factors(task_vectors: jax.Array, rows: jax.Array, lam: Any, c: int):

@@ -171,16 +171,21 @@ def _tridiagonal_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray,
     return w[order], vectors[:, order], float(max(abs(w[order[0]]), abs(lowest)))
 
 
+def _each_problem(solve: Callable, k: int, n: int, lead: tuple[int, ...], dtype: np.dtype, *flat: np.ndarray):
+    """``solve(*operands_j, k) -> (values (k,), vectors (n, k), scale)`` for every problem j of the flattened
+    operands ``flat`` (leading axis j), stacked back to ``(values (*lead, k), vectors (*lead, n, k), scale (*lead))``:
+    the host side of a batched solve (one LAPACK call per problem)."""
+    count = flat[0].shape[0]
+    values, vectors, scale = np.empty((count, k), dtype), np.empty((count, n, k), dtype), np.empty((count,), dtype)
+    for j in range(count):
+        values[j], vectors[j], scale[j] = solve(*(x[j] for x in flat), k)
+    return values.reshape(lead + (k,)), vectors.reshape(lead + (n, k)), scale.reshape(lead)
+
+
 def _host_largest(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     a = np.asarray(matrix)
     n = a.shape[-1]
-    flat = a.reshape((-1, n, n))
-    values = np.empty((flat.shape[0], k), a.dtype)
-    vectors = np.empty((flat.shape[0], n, k), a.dtype)
-    scale = np.empty((flat.shape[0],), a.dtype)
-    for j, one in enumerate(flat):
-        values[j], vectors[j], scale[j] = _tridiagonal_largest(one, k)
-    return values.reshape(a.shape[:-2] + (k,)), vectors.reshape(a.shape[:-1] + (k,)), scale.reshape(a.shape[:-2])
+    return _each_problem(_tridiagonal_largest, k, n, a.shape[:-2], a.dtype, a.reshape((-1, n, n)))
 
 
 def host_call(fn: Callable, shapes: tuple[jax.ShapeDtypeStruct, ...], *args: jax.Array) -> tuple[jax.Array, ...]:
@@ -279,6 +284,7 @@ def _factored_jax(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, 
 def _factored_host_one(z: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
     from scipy.linalg import get_blas_funcs, get_lapack_funcs
 
+    z = np.ascontiguousarray(z)
     m, n = z.shape
     geqrf, ormqr = get_lapack_funcs(("geqrf", "ormqr"), (z,))
     # z.T of a C-ordered z is Fortran-ordered: LAPACK factors it in place of a copy, blocked (lwork = 64 per column)
@@ -299,14 +305,8 @@ def _factored_host_one(z: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.n
 def _factored_host(z: np.ndarray, weights: np.ndarray, k: int):
     z, weights = np.asarray(z), np.asarray(weights)
     m, n = z.shape[-2:]
-    flat_z, flat_w = z.reshape((-1, m, n)), weights.reshape((-1, m))
-    values = np.empty((flat_z.shape[0], k), z.dtype)
-    vectors = np.empty((flat_z.shape[0], n, k), z.dtype)
-    scale = np.empty((flat_z.shape[0],), z.dtype)
-    for j in range(flat_z.shape[0]):
-        values[j], vectors[j], scale[j] = _factored_host_one(np.ascontiguousarray(flat_z[j]), flat_w[j], k)
-    lead = z.shape[:-2]
-    return values.reshape(lead + (k,)), vectors.reshape(lead + (n, k)), scale.reshape(lead)
+    return _each_problem(_factored_host_one, k, n, z.shape[:-2], z.dtype, z.reshape((-1, m, n)),
+                         weights.reshape((-1, m)))
 
 
 def factored_largest(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:

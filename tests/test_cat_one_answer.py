@@ -7,10 +7,9 @@ from __future__ import annotations
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 import catmerge_jax as cm
 from catmerge_jax.cat import POSITIVE_RTOL, UnresolvedGapWarning

@@ -164,7 +164,6 @@ def test_eigh_largest_runs_lapacks_selected_route_on_cpu_and_differentiates_like
         linalg.eigh_largest(m, 0)
 
 
-
 def test_host_solvers_keep_float64_inside_an_enable_x64_context_and_a_loop():
     """``with jax.enable_x64(True)`` is thread-local, and XLA:CPU may run a host callback on a worker thread, where
     JAX would read float64 operands as float32 (and refuse float64 results; seen in the K = 1 merge test of
@@ -177,7 +176,7 @@ def test_host_solvers_keep_float64_inside_an_enable_x64_context_and_a_loop():
                      for s in range(4)])
     z, w = _factored_problem((4,), 5, 12, positive=4, seed=3)
     with jax.enable_x64(True):
-        values, vectors, _ = jax.jit(lambda a: jax.lax.map(lambda m: linalg.eigh_largest(m, 3), a))(jnp.asarray(mats))
+        values, _, _ = jax.jit(lambda a: jax.lax.map(lambda m: linalg.eigh_largest(m, 3), a))(jnp.asarray(mats))
         f_values, _, _ = jax.jit(lambda a, b: jax.lax.map(lambda x: linalg.factored_largest(x[0], x[1], 2), (a, b)))(
             jnp.asarray(z), jnp.asarray(w))
     assert values.dtype == f_values.dtype == jnp.float64
@@ -186,6 +185,7 @@ def test_host_solvers_keep_float64_inside_an_enable_x64_context_and_a_loop():
         np.testing.assert_allclose(np.asarray(values[j]), theta[:3], atol=1e-12)  # 1e-11 apart: float64 only
         np.testing.assert_allclose(np.asarray(f_values[j]), np.linalg.eigvalsh((z[j].T * w[j]) @ z[j])[::-1][:2],
                                    rtol=1e-10)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # factored_largest: top eigenpairs of Zᵀ diag(w) Z from the QR of Zᵀ, against the dense float64 matrix.
