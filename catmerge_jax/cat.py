@@ -50,6 +50,7 @@ from catmerge_jax.conflict import (GAP_FLOOR, POSITIVE_RTOL, cat_linear_bases, c
                                    conflict_matrices_from_grams, linear_group_bases, plan_linear,
                                    positive_directions, rows_bases_with_gap, top_with_gap)
 from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, TreeMismatchError
+from catmerge_jax.linalg import map_batch
 from catmerge_jax.roles import LeafSpec, Overrides, Role, check_spec, classify, is_spec, with_stacking
 from catmerge_jax.stats import LeafStats, check_stats, is_leaf_stats
 from catmerge_jax.tree import (PyTree, check_finite, check_same_structure, compute_dtype, gather, is_concrete,
@@ -117,6 +118,24 @@ def cat_shift_masks(task_vectors: jax.Array, *, c: int, counts: jax.Array | None
     return _top_c_mask(scores, c)
 
 
+def _sequential_factors(bases: jax.Array, i: int) -> tuple[jax.Array, jax.Array]:
+    """``(U (out, K·c), M (K·c, K·c))`` with ``Π_{k≠i} (I − B_k B_kᵀ) = I − U M Uᵀ`` (the product in k order).
+
+    ``U = [B_1 … B_K]`` with ``B_i`` zeroed and M block upper triangular: ``M[:, b] = e_b − M[:, <b] (U_<bᵀ B_b)``.
+    Applying it costs two thin products with ``T_i`` instead of K − 1 passes over it (the sequential loop is
+    memory-bound on large layers)."""
+    num_tasks, out, c = bases.shape
+    u = bases * (np.arange(num_tasks) != i).astype(bases.dtype)[:, None, None]
+    u = u.transpose(1, 0, 2).reshape(out, num_tasks * c)
+    cross = u.T @ u
+    m = jnp.zeros_like(cross)
+    for b in range(num_tasks):
+        col = -m[:, : b * c] @ cross[: b * c, b * c:(b + 1) * c]
+        col = col.at[b * c:(b + 1) * c].add(jnp.eye(c, dtype=bases.dtype))
+        m = m.at[:, b * c:(b + 1) * c].set(col)
+    return u, m
+
+
 @jax.jit
 def apply_cat_linear(task_vectors: jax.Array, bases: jax.Array) -> jax.Array:
     """Trim each ``T_i`` by every ``Φ_k``, ``k ≠ i``, one after another in k order (Algorithm 1).
@@ -127,24 +146,30 @@ def apply_cat_linear(task_vectors: jax.Array, bases: jax.Array) -> jax.Array:
     Returns:
       ``(K, in, out)`` trimmed task vectors; ``T̃_i B_k = 0`` for the last applied k.
     """
-    num_tasks, _, c = bases.shape
-    out = bases.shape[1]
+    trimmed = []
+    for i in range(bases.shape[0]):  # K is static: plain products, which XLA:CPU runs faster than batched ones
+        u, m = _sequential_factors(bases, i)
+        trimmed.append(task_vectors[i] - ((task_vectors[i] @ u) @ m) @ u.T)
+    return jnp.stack(trimmed)
 
-    def trim_one(i, t):
-        # The ordered product Π_{k≠i} (I − B_k B_kᵀ) equals I − U M Uᵀ with U = [B_1 … B_K] (B_i zeroed) and M
-        # block upper triangular: M[:, b] = e_b − M[:, <b] (U_<bᵀ B_b). Applying it costs two thin products
-        # with T_i instead of K − 1 passes over it (the sequential loop is memory-bound on large layers).
-        u = (bases * (jnp.arange(num_tasks) != i).astype(bases.dtype)[:, None, None])
-        u = u.transpose(1, 0, 2).reshape(out, num_tasks * c)
-        cross = u.T @ u
-        m = jnp.zeros_like(cross)
-        for b in range(num_tasks):
-            col = -m[:, : b * c] @ cross[: b * c, b * c:(b + 1) * c]
-            col = col.at[b * c:(b + 1) * c].add(jnp.eye(c, dtype=bases.dtype))
-            m = m.at[:, b * c:(b + 1) * c].set(col)
-        return t - ((t @ u) @ m) @ u.T
 
-    return jax.vmap(trim_one)(jnp.arange(num_tasks), task_vectors)
+@jax.jit
+def cat_linear_update(task_vectors: jax.Array, bases: jax.Array) -> jax.Array:
+    """``Σ_i T̃_i`` ``(in, out)`` of :func:`apply_cat_linear` without forming the K trimmed matrices: with
+    ``W_i = T_i U_i M_i`` (:func:`_sequential_factors`), ``Σ_i T̃_i = Σ_i T_i − [W_1 … W_K] [U_1 … U_K]ᵀ``, one
+    product for the whole correction (measured 2–3× faster on CPU than trimming and summing for MiniLM's layers).
+
+    Args / Returns: as :func:`apply_cat_linear`, summed over tasks.
+    """
+    ws, us = [], []
+    for i in range(bases.shape[0]):
+        u, m = _sequential_factors(bases, i)
+        ws.append((task_vectors[i] @ u) @ m)
+        us.append(u)
+    total = task_vectors[0]
+    for t in task_vectors[1:]:  # explicit adds: XLA:CPU's reduce over a leading axis of matrices is far slower
+        total = total + t
+    return total - jnp.concatenate(ws, axis=1) @ jnp.concatenate(us, axis=1).T
 
 
 @jax.jit
@@ -855,9 +880,11 @@ Placement = Callable[[jax.Array], jax.Array]
 
 @functools.partial(jax.jit, static_argnames=("joint",))
 def linear_group_apply(tvs: jax.Array, bases: jax.Array, *, joint: bool = False) -> jax.Array:
-    """Trimmed task vectors ``(L, K, in, out)`` (sequential Algorithm 1, or the order-free ``joint`` projection)."""
+    """Trimmed task vectors ``(L, K, in, out)`` (sequential Algorithm 1, or the order-free ``joint`` projection);
+    layer by layer on CPU (:func:`catmerge_jax.linalg.map_batch`: XLA:CPU runs plain products faster than batched
+    ones), batched on accelerators."""
     apply = apply_cat_linear_joint if joint else apply_cat_linear
-    return jax.vmap(apply)(tvs, bases)
+    return map_batch(lambda args: apply(*args), (tvs, bases))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -907,7 +934,10 @@ def _group_update(tvs: jax.Array, bases: jax.Array, *, joint: bool, rescale_norm
 
     Trimming, optional norm rescaling and the task sum run in one call, so for a merge the ``(L, K, in, out)``
     trimmed stack never leaves the computation (it is K times the output's size)."""
-    trimmed = linear_group_apply(tvs, jax.lax.stop_gradient(bases), joint=joint)
+    bases = jax.lax.stop_gradient(bases)
+    if not (per_task or rescale_norm or joint):
+        return map_batch(lambda args: cat_linear_update(*args), (tvs, bases))
+    trimmed = linear_group_apply(tvs, bases, joint=joint)
     if rescale_norm:
         trimmed = jax.vmap(_rescale)(tvs, trimmed)
     if per_task:

@@ -142,27 +142,34 @@ def _numpy_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float
 
 
 def _tridiagonal_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """The k largest eigenpairs of ONE symmetric matrix by LAPACK's selected-eigenpair route (what ``syevx`` does):
-    Householder tridiagonalisation (``sytrd``), bisection for the wanted eigenvalues (``stebz``, at the most
-    accurate tolerance), inverse iteration for their vectors (``stein``), back-transformation (``ormqr``). The
-    bisection also gives the smallest eigenvalue, so ``‖G‖₂`` comes for free."""
+    """The k largest eigenpairs of ONE symmetric matrix (symmetrized first) by :func:`_lower_largest`."""
+    m = 0.5 * (m + m.T)
+    return _lower_largest(m.T, k)  # the transpose of a symmetric C-ordered array: Fortran order, no copy
+
+
+def _lower_largest(lower: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The k largest eigenpairs of the symmetric matrix held in the lower triangle of ``lower`` (Fortran order;
+    overwritten) by LAPACK's selected-eigenpair route (what ``syevx`` does): Householder tridiagonalisation
+    (``sytrd``), bisection for the wanted eigenvalues (``stebz``, at the most accurate tolerance), inverse iteration
+    for their vectors (``stein``), back-transformation (``ormqr``). The bisection also gives the smallest
+    eigenvalue, so ``‖G‖₂`` comes for free."""
     from scipy.linalg import get_lapack_funcs
 
-    n = m.shape[0]
-    m = 0.5 * (m + m.T)
-    if not np.all(np.isfinite(m)):  # as a traced eigh does: NaN out (the merge's value checks name the leaf)
-        return np.full((k,), np.nan, m.dtype), np.full((n, k), np.nan, m.dtype), float("nan")
+    n = lower.shape[0]
+    triangle = np.tril(lower)
+    if not np.all(np.isfinite(triangle)):  # as a traced eigh does: NaN out (the merge's value checks name the leaf)
+        return np.full((k,), np.nan, lower.dtype), np.full((n, k), np.nan, lower.dtype), float("nan")
     if k == n:  # nothing to select (and LAPACK's wrappers want n > 1)
-        return _numpy_largest(m, k)
+        return _numpy_largest(triangle + np.tril(triangle, -1).T, k)
     sytrd, sytrd_lwork, stebz, stein, ormqr = get_lapack_funcs(("sytrd", "sytrd_lwork", "stebz", "stein", "ormqr"),
-                                                              (m,))
+                                                              (lower,))
     lwork, _ = sytrd_lwork(n, lower=1)
-    packed, d, e, tau, info = sytrd(m, lower=1, lwork=max(int(lwork), 1))
-    tol = 2.0 * np.finfo(m.dtype).tiny
+    packed, d, e, tau, info = sytrd(lower, lower=1, lwork=max(int(lwork), 1), overwrite_a=1)
+    tol = 2.0 * np.finfo(lower.dtype).tiny
     found, w, iblock, isplit, info_values = stebz(d, e, 3, 0.0, 0.0, n - k + 1, n, tol, "B")
     vectors, info_vectors = stein(d, e, w[:found], iblock, isplit)
     if info or info_values or info_vectors or found != k:  # LAPACK could not do it this way: the full decomposition
-        return _numpy_largest(m, k)
+        return _numpy_largest(triangle + np.tril(triangle, -1).T, k)
     # T = Qᵀ m Q with Q = H(1)…H(n−1) stored below the subdiagonal of `packed` (LAPACK's orgtr layout); n > k ≥ 1
     vectors[1:] = ormqr("L", "N", packed[1:, :-1], tau, vectors[1:], 64 * k)[0]
     lowest = stebz(d, e, 3, 0.0, 0.0, 1, 1, tol, "E")[1][0]
@@ -264,11 +271,14 @@ def eigh_largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.A
 
 
 def _factored_jax(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`factored_largest` with JAX's QR (accelerators): Q applied by its reflectors, never formed."""
+    """:func:`factored_largest` with JAX's QR (accelerators): Q applied by its reflectors, never formed; with
+    ``m ≥ n`` rows, ``G`` itself and a full ``eigh``."""
     m, n = z.shape[-2:]
 
     def one(args):
         zi, wi = args
+        if m >= n:
+            return _full_largest(zi.T @ (wi[:, None] * zi), k)
         h, taus = jnp.linalg.qr(zi.T, mode="raw")  # Zᵀ = Q R; h is the (m, n) transpose of LAPACK's packed form
         r = jnp.triu(h[:, :m].T)  # (m, m)
         values, small, scale = _full_largest((r * wi[None, :]) @ r.T, k)
@@ -281,19 +291,37 @@ def _factored_jax(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, 
     return values.reshape(lead + (k,)), vectors.reshape(lead + (n, k)), scale.reshape(lead)
 
 
-def _factored_host_one(z: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    from scipy.linalg import get_blas_funcs, get_lapack_funcs
+def _weighted_gram_lower(z: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``Zᵀ diag(w) Z`` ``(n, n)``, Fortran order, in its lower triangle only (the upper one is zero): one symmetric
+    rank-update (``syrk``, half a product's flops) per sign of ``w``; rows of weight 0 cost nothing."""
+    from scipy.linalg import get_blas_funcs
 
+    syrk = get_blas_funcs("syrk", (z,))
+    n = z.shape[1]
+    gram = np.zeros((n, n), z.dtype, order="F")
+    for sign in (1.0, -1.0):
+        picked = sign * weights > 0
+        if picked.any():
+            rows = z[picked] * np.sqrt(sign * weights[picked]).astype(z.dtype)[:, None]
+            # rows.T: the Fortran-ordered (n, rows) view syrk's a·aᵀ wants, no copy
+            gram = syrk(sign, rows.T, beta=1.0, c=gram, lower=1, overwrite_c=1)
+    return gram
+
+
+def _factored_host_one(z: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
     z = np.ascontiguousarray(z)
     m, n = z.shape
+    if m >= n:  # nothing to gain from a QR: G itself, by symmetric rank-updates
+        return _lower_largest(_weighted_gram_lower(z, weights), k)
+    from scipy.linalg import get_lapack_funcs
+
     geqrf, ormqr = get_lapack_funcs(("geqrf", "ormqr"), (z,))
     # z.T of a C-ordered z is Fortran-ordered: LAPACK factors it in place of a copy, blocked (lwork = 64 per column)
     packed, taus, _, info = geqrf(z.T, lwork=64 * m)
-    r = np.triu(packed[:m])
-    # SciPy's BLAS, not NumPy's `@`: NumPy and SciPy each bundle an OpenBLAS with its own threads, and NumPy's keep
-    # spinning after a product while SciPy's LAPACK runs (measured 2.4× slower for these 18 solves on 2 cores).
-    core = get_blas_funcs("gemm", (r,))(1.0, r * weights[None, :], r, trans_b=True)
-    values, small, scale = _tridiagonal_largest(core, k)
+    # the core R diag(w) Rᵀ = Σ_j w_j r_j r_jᵀ over the columns r_j of R, by the same rank-updates. SciPy's BLAS,
+    # not NumPy's `@`: NumPy and SciPy each bundle an OpenBLAS with its own threads, and NumPy's keep spinning after
+    # a product while SciPy's LAPACK runs (measured 2.4× slower for these solves on 2 cores).
+    values, small, scale = _lower_largest(_weighted_gram_lower(np.triu(packed[:m]).T, weights), k)
     padded = np.zeros((n, k), z.dtype, order="F")
     padded[:m] = small
     vectors, _, info_apply = ormqr("L", "N", packed, taus, padded, lwork=64 * k)
@@ -310,20 +338,23 @@ def _factored_host(z: np.ndarray, weights: np.ndarray, k: int):
 
 
 def factored_largest(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The ``k`` largest eigenpairs of ``G = Zᵀ diag(w) Z`` inside ``range(Zᵀ)``, for ``z (..., m, n)`` with
-    ``m < n`` rows and real ``weights (..., m)`` of any sign, without forming the ``n × n`` matrix ``G``.
+    """The ``k`` largest eigenpairs of ``G = Zᵀ diag(w) Z`` inside ``range(Zᵀ)``, for ``z (..., m, n)`` and real
+    ``weights (..., m)`` of any sign.
 
-    With the QR factorization ``Zᵀ = Q R`` (Q ``n × m``), ``G = Q (R diag(w) Rᵀ) Qᵀ``: the eigenpairs of the
-    ``m × m`` core, with Q applied to its vectors. Eigenvalues of ``G`` outside ``range(Zᵀ)`` are 0 (add rows of
-    weight 0 to represent that subspace). On CPU one host call runs LAPACK's blocked Householder QR (``geqrf``),
-    the core's selected eigenpairs (as :func:`eigh_largest`) and the reflectors applied to those k vectors only
-    (``ormqr``): forming Q would cost as much again as the factorization. Accelerators run the same steps with
-    JAX's QR and a full ``eigh`` of the core. The result carries no derivative (use it on constants, or under
-    ``jax.lax.stop_gradient``).
+    With fewer rows than columns (``m < n``), ``G`` is never formed. With the QR factorization ``Zᵀ = Q R`` (Q
+    ``n × m``), ``G = Q (R diag(w) Rᵀ) Qᵀ``: the eigenpairs of the ``m × m`` core, with Q applied to its vectors.
+    Eigenvalues of ``G`` outside ``range(Zᵀ)`` are 0 (add rows of weight 0 to represent that subspace). On CPU one
+    host call runs LAPACK's blocked Householder QR (``geqrf``), the core's selected eigenpairs (as
+    :func:`eigh_largest`) and the reflectors applied to those k vectors only (``ormqr``): forming Q would cost as
+    much again as the factorization. With ``m ≥ n`` there is nothing to gain from a QR and ``G`` itself is solved;
+    on CPU it is built inside the same host call by one symmetric rank-update per sign of ``w`` (BLAS ``syrk``, half
+    the flops of a product; rows of weight 0 are skipped), into the one triangle LAPACK reads. Accelerators run the
+    same steps with JAX's QR (or ``G``) and a full ``eigh``. The result carries no derivative (use it on constants,
+    or under ``jax.lax.stop_gradient``).
 
     Returns:
-      ``(values (..., k) decreasing, vectors (..., n, k) orthonormal, scale (...) = the largest |eigenvalue| of the
-      core)``.
+      ``(values (..., k) decreasing, vectors (..., n, k) orthonormal, scale (...) = ‖G‖₂, the largest
+      |eigenvalue|)``.
 
     >>> import jax.numpy as jnp
     >>> z = jnp.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
@@ -332,10 +363,8 @@ def factored_largest(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Arra
     ([1.0], [1.0, 0.0, 0.0], 4.0)
     """
     m, n = z.shape[-2:]
-    if not m < n:
-        raise ValueError(f"factored_largest needs fewer rows than columns, got z of shape {z.shape}")
-    if not 0 < k <= m:
-        raise ValueError(f"k must be in [1, {m}], got {k}")
+    if not 0 < k <= min(m, n):
+        raise ValueError(f"k must be in [1, {min(m, n)}] for z of shape {z.shape}, got {k}")
     if weights.shape != z.shape[:-1]:
         raise ValueError(f"weights must have shape {z.shape[:-1]}, got {weights.shape}")
     z, weights = jax.lax.stop_gradient((z, weights.astype(z.dtype)))

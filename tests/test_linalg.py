@@ -202,17 +202,21 @@ def _factored_problem(lead, m, n, positive, seed):
     return z, w
 
 
+@pytest.mark.parametrize("m,n,zeros", [(9, 40, 0), (40, 12, 3), (12, 12, 0)],
+                         ids=["fewer-rows:QR", "more-rows:syrk", "square:syrk"])
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
-def test_factored_largest_equals_the_dense_eigenpairs(x64, dtype, tol):
-    """Values to ``tol·‖G‖`` and each vector an eigenvector of the dense float64 G (float32: the QR and the core
-    carry ~1e-6 relative rounding, amplified by the graded rows' 1e2 spread and the core's gaps)."""
+def test_factored_largest_equals_the_dense_eigenpairs(x64, dtype, tol, m, n, zeros):
+    """Values to ``tol·‖G‖`` and each vector an eigenvector of the dense float64 G (float32: the QR or rank-updates
+    and the tridiagonal route carry ~1e-6 relative rounding, amplified by the graded rows' 1e2 spread and the
+    gaps). With ``m ≥ n`` the host builds G by one syrk per sign and skips the rows of weight 0."""
     from catmerge_jax.linalg import factored_largest
 
     k = 4
-    z, w = _factored_problem((2, 3), 9, 40, positive=6, seed=0)
+    z, w = _factored_problem((2, 3), m, n, positive=6, seed=0)
+    w[..., m - zeros:] = 0.0
     values, vectors, scale = jax.jit(lambda a, b: factored_largest(a, b, k))(jnp.asarray(z, dtype),
                                                                          jnp.asarray(w, dtype))
-    assert values.dtype == dtype and vectors.shape == (2, 3, 40, k) and scale.shape == (2, 3)
+    assert values.dtype == dtype and vectors.shape == (2, 3, n, k) and scale.shape == (2, 3)
     for idx in np.ndindex(2, 3):
         g = (z[idx].T * w[idx]) @ z[idx]
         theta, basis = np.linalg.eigh(g)
@@ -237,7 +241,9 @@ def test_factored_largest_sees_the_null_space_only_through_rows_of_weight_zero()
     theta = np.linalg.eigvalsh((z.T * w) @ z)[::-1]
     np.testing.assert_allclose(values, theta[:3], atol=1e-5 * np.abs(theta).max())
     assert theta[0] > 0 and abs(theta[1]) < 1e-9  # one positive eigenvalue, then the null space's zeros
-    with pytest.raises(ValueError, match="fewer rows than columns"):
-        factored_largest(jnp.ones((4, 4)), jnp.ones((4,)), 1)
     with pytest.raises(ValueError, match="k must be in"):
         factored_largest(jnp.ones((2, 4)), jnp.ones((2,)), 3)
+    with pytest.raises(ValueError, match="k must be in"):
+        factored_largest(jnp.ones((6, 4)), jnp.ones((6,)), 5)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        factored_largest(jnp.ones((6, 4)), jnp.ones((4,)), 1)
