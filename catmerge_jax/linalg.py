@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from catmerge_jax import hostlapack
+
 __all__ = ["top_eigenvectors", "eigh_top", "eigh_largest", "factored_largest", "host_call", "block_krylov_top",
            "KrylovResult", "KrylovConfig", "krylov_config", "map_batch", "eigh_flops", "krylov_flops", "choose_solver"]
 
@@ -136,65 +138,6 @@ def _full_largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.
     return values[..., ::-1][..., :k], vectors[..., ::-1][..., :k], scale
 
 
-def _numpy_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    values, vectors = np.linalg.eigh(m)
-    return values[::-1][:k], vectors[:, ::-1][:, :k], float(max(abs(values[-1]), abs(values[0])))
-
-
-def _tridiagonal_largest(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """The k largest eigenpairs of ONE symmetric matrix (symmetrized first) by :func:`_lower_largest`."""
-    m = 0.5 * (m + m.T)
-    return _lower_largest(m.T, k)  # the transpose of a symmetric C-ordered array: Fortran order, no copy
-
-
-def _lower_largest(lower: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """The k largest eigenpairs of the symmetric matrix held in the lower triangle of ``lower`` (Fortran order;
-    overwritten) by LAPACK's selected-eigenpair route (what ``syevx`` does): Householder tridiagonalisation
-    (``sytrd``), bisection for the wanted eigenvalues (``stebz``, at the most accurate tolerance), inverse iteration
-    for their vectors (``stein``), back-transformation (``ormqr``). The bisection also gives the smallest
-    eigenvalue, so ``‖G‖₂`` comes for free."""
-    from scipy.linalg import get_lapack_funcs
-
-    n = lower.shape[0]
-    triangle = np.tril(lower)
-    if not np.all(np.isfinite(triangle)):  # as a traced eigh does: NaN out (the merge's value checks name the leaf)
-        return np.full((k,), np.nan, lower.dtype), np.full((n, k), np.nan, lower.dtype), float("nan")
-    if k == n:  # nothing to select (and LAPACK's wrappers want n > 1)
-        return _numpy_largest(triangle + np.tril(triangle, -1).T, k)
-    sytrd, sytrd_lwork, stebz, stein, ormqr = get_lapack_funcs(("sytrd", "sytrd_lwork", "stebz", "stein", "ormqr"),
-                                                              (lower,))
-    lwork, _ = sytrd_lwork(n, lower=1)
-    packed, d, e, tau, info = sytrd(lower, lower=1, lwork=max(int(lwork), 1), overwrite_a=1)
-    tol = 2.0 * np.finfo(lower.dtype).tiny
-    found, w, iblock, isplit, info_values = stebz(d, e, 3, 0.0, 0.0, n - k + 1, n, tol, "B")
-    vectors, info_vectors = stein(d, e, w[:found], iblock, isplit)
-    if info or info_values or info_vectors or found != k:  # LAPACK could not do it this way: the full decomposition
-        return _numpy_largest(triangle + np.tril(triangle, -1).T, k)
-    # T = Qᵀ m Q with Q = H(1)…H(n−1) stored below the subdiagonal of `packed` (LAPACK's orgtr layout); n > k ≥ 1
-    vectors[1:] = ormqr("L", "N", packed[1:, :-1], tau, vectors[1:], 64 * k)[0]
-    lowest = stebz(d, e, 3, 0.0, 0.0, 1, 1, tol, "E")[1][0]
-    w = w[:found]
-    order = np.argsort(-w, kind="stable")
-    return w[order], vectors[:, order], float(max(abs(w[order[0]]), abs(lowest)))
-
-
-def _each_problem(solve: Callable, k: int, n: int, lead: tuple[int, ...], dtype: np.dtype, *flat: np.ndarray):
-    """``solve(*operands_j, k) -> (values (k,), vectors (n, k), scale)`` for every problem j of the flattened
-    operands ``flat`` (leading axis j), stacked back to ``(values (*lead, k), vectors (*lead, n, k), scale (*lead))``:
-    the host side of a batched solve (one LAPACK call per problem)."""
-    count = flat[0].shape[0]
-    values, vectors, scale = np.empty((count, k), dtype), np.empty((count, n, k), dtype), np.empty((count,), dtype)
-    for j in range(count):
-        values[j], vectors[j], scale[j] = solve(*(x[j] for x in flat), k)
-    return values.reshape(lead + (k,)), vectors.reshape(lead + (n, k)), scale.reshape(lead)
-
-
-def _host_largest(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    a = np.asarray(matrix)
-    n = a.shape[-1]
-    return _each_problem(_tridiagonal_largest, k, n, a.shape[:-2], a.dtype, a.reshape((-1, n, n)))
-
-
 def host_call(fn: Callable, shapes: tuple[jax.ShapeDtypeStruct, ...], *args: jax.Array) -> tuple[jax.Array, ...]:
     """``jax.pure_callback(fn, shapes, *args, vmap_method="broadcast_all")`` whose 64-bit operands and results
     travel as ``uint32`` pairs.
@@ -227,6 +170,12 @@ def host_call(fn: Callable, shapes: tuple[jax.ShapeDtypeStruct, ...], *args: jax
     return tuple(jax.lax.bitcast_convert_type(r, s.dtype) if w else r for r, s, w in zip(out, shapes, wide_out))
 
 
+def _host_largest(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a = np.asarray(matrix)
+    n = a.shape[-1]
+    return hostlapack.each_problem(hostlapack.symmetric_largest, k, n, a.shape[:-2], a.dtype, a.reshape((-1, n, n)))
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     def on_cpu(m):
@@ -246,8 +195,9 @@ def _largest_jvp(k, primals, tangents):
 def eigh_largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The ``k`` largest (algebraic) eigenpairs of symmetric ``(..., n, n)``, exact, and ``‖G‖₂``.
 
-    On CPU, LAPACK's selected-eigenpair route on the host (:func:`_tridiagonal_largest`: one tridiagonalisation,
-    then only k vectors; measured 3× faster than a full ``eigh`` at n = 384 and 1536); on GPU/TPU a full ``eigh``
+    On CPU, LAPACK's selected-eigenpair route on the host (:func:`catmerge_jax.hostlapack.lower_largest`: one
+    tridiagonalisation, then only k vectors; measured 3× faster than a full ``eigh`` at n = 384 and 1536; the
+    matrices of a batch spread over the cores); on GPU/TPU a full ``eigh``
     (``lax.platform_dependent`` picks by the platform the computation is compiled for). Works under ``jit`` and
     ``vmap``; its derivative is that of a full ``eigh``.
 
@@ -291,50 +241,11 @@ def _factored_jax(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, 
     return values.reshape(lead + (k,)), vectors.reshape(lead + (n, k)), scale.reshape(lead)
 
 
-def _weighted_gram_lower(z: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``Zᵀ diag(w) Z`` ``(n, n)``, Fortran order, in its lower triangle only (the upper one is zero): one symmetric
-    rank-update (``syrk``, half a product's flops) per sign of ``w``; rows of weight 0 cost nothing."""
-    from scipy.linalg import get_blas_funcs
-
-    syrk = get_blas_funcs("syrk", (z,))
-    n = z.shape[1]
-    gram = np.zeros((n, n), z.dtype, order="F")
-    for sign in (1.0, -1.0):
-        picked = sign * weights > 0
-        if picked.any():
-            rows = z[picked] * np.sqrt(sign * weights[picked]).astype(z.dtype)[:, None]
-            # rows.T: the Fortran-ordered (n, rows) view syrk's a·aᵀ wants, no copy
-            gram = syrk(sign, rows.T, beta=1.0, c=gram, lower=1, overwrite_c=1)
-    return gram
-
-
-def _factored_host_one(z: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    z = np.ascontiguousarray(z)
-    m, n = z.shape
-    if m >= n:  # nothing to gain from a QR: G itself, by symmetric rank-updates
-        return _lower_largest(_weighted_gram_lower(z, weights), k)
-    from scipy.linalg import get_lapack_funcs
-
-    geqrf, ormqr = get_lapack_funcs(("geqrf", "ormqr"), (z,))
-    # z.T of a C-ordered z is Fortran-ordered: LAPACK factors it in place of a copy, blocked (lwork = 64 per column)
-    packed, taus, _, info = geqrf(z.T, lwork=64 * m)
-    # the core R diag(w) Rᵀ = Σ_j w_j r_j r_jᵀ over the columns r_j of R, by the same rank-updates. SciPy's BLAS,
-    # not NumPy's `@`: NumPy and SciPy each bundle an OpenBLAS with its own threads, and NumPy's keep spinning after
-    # a product while SciPy's LAPACK runs (measured 2.4× slower for these solves on 2 cores).
-    values, small, scale = _lower_largest(_weighted_gram_lower(np.triu(packed[:m]).T, weights), k)
-    padded = np.zeros((n, k), z.dtype, order="F")
-    padded[:m] = small
-    vectors, _, info_apply = ormqr("L", "N", packed, taus, padded, lwork=64 * k)
-    if info or info_apply:  # pragma: no cover - only for invalid arguments, which the shapes above rule out
-        raise RuntimeError(f"LAPACK geqrf/ormqr failed (info {info}, {info_apply})")
-    return values, vectors, scale
-
-
 def _factored_host(z: np.ndarray, weights: np.ndarray, k: int):
     z, weights = np.asarray(z), np.asarray(weights)
     m, n = z.shape[-2:]
-    return _each_problem(_factored_host_one, k, n, z.shape[:-2], z.dtype, z.reshape((-1, m, n)),
-                         weights.reshape((-1, m)))
+    return hostlapack.each_problem(hostlapack.factored_one, k, n, z.shape[:-2], z.dtype, z.reshape((-1, m, n)),
+                                   weights.reshape((-1, m)))
 
 
 def factored_largest(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
