@@ -367,6 +367,25 @@ def plan_linear(num_tasks: int, fan_in: int, fan_out: int, c: int, *, rows: int 
     return min(candidates, key=lambda p: p.flops)
 
 
+def layer_bytes(plan: LinearPlan, num_tasks: int, fan_in: int, fan_out: int, data_size: int, c: int,
+                itemsize: int = 4) -> int:
+    """Bytes one layer of a group holds while it is solved under ``plan``: its task vectors ``(K, in, out)``, its
+    statistics (``data_size`` elements: ``K·n·in`` rows or ``K·in²`` Grams), the solver's operand (the rows
+    ``Z_k`` of the factored and explicit-rows routes, ``G_k`` otherwise, ``Y`` for matrix-free Krylov) and its
+    update ``(in, out)``; what :func:`catmerge_jax.cat.cat_merge_batched` chunks a group by."""
+    k, out = num_tasks, fan_out
+    rows = data_size // (k * fan_in) if plan.form == "rows" else 0
+    if plan.strategy == "low_rank":
+        operand = k * (2 * (k - 1) * rows + c) * out
+    elif plan.strategy == "matrix_free":
+        operand = k * k * rows * out
+    elif plan.form == "rows" and plan.solver == "eigh":
+        operand = k * 2 * (k - 1) * rows * out
+    else:
+        operand = k * out * out
+    return itemsize * (k * fan_in * fan_out + data_size + operand + fan_in * fan_out)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # One group: (L, K, in, out) task vectors, (L, K, n, in) rows or (L, K, in, in) Grams.
 # ------------------------------------------------------------------------------------------------------------
