@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -32,6 +33,9 @@ __all__ = ["lower_largest", "symmetric_largest", "weighted_gram_lower", "factore
 
 _INT = ctypes.POINTER(ctypes.c_int)
 _PTR = ctypes.c_void_p
+# One limited section at a time: the BLAS thread count is process-wide, and two overlapping set/restore pairs could
+# restore in the wrong order and leave it at one thread. Concurrent batches would compete for the same cores anyway.
+_ONE_AT_A_TIME = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,6 +212,6 @@ def each_problem(solve: Callable, k: int, n: int, lead: tuple[int, ...], dtype: 
     else:
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        with _ONE_AT_A_TIME, threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, range(count)))  # list(): re-raises a worker's exception here
     return values.reshape(lead + (k,)), vectors.reshape(lead + (n, k)), scale.reshape(lead)

@@ -75,3 +75,30 @@ def test_lower_largest_reads_only_the_lower_triangle_and_nan_gives_nan():
     a[3, 1] = np.nan
     values, vectors, scale = hostlapack.lower_largest(np.asfortranarray(a), 2)
     assert np.isnan(values).all() and np.isnan(vectors).all() and np.isnan(scale)
+
+
+def test_concurrent_batches_leave_the_blas_thread_count_as_it_was():
+    """Two callers at once (e.g. two merges in two threads): each result is right and the count is restored."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    rng = np.random.default_rng(3)
+    mats = rng.standard_normal((2, 6, 25, 25))
+    mats = mats + np.swapaxes(mats, -1, -2)
+    before = [lib["num_threads"] for lib in threadpool_info()]
+    results = [None, None]
+
+    def solve(i):
+        results[i] = hostlapack.each_problem(hostlapack.symmetric_largest, 2, 25, (6,), np.float64, mats[i],
+                                             threads=2)
+
+    workers = [threading.Thread(target=solve, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert [lib["num_threads"] for lib in threadpool_info()] == before
+    for i in range(2):
+        for j in range(6):
+            np.testing.assert_allclose(results[i][0][j], np.linalg.eigvalsh(mats[i, j])[::-1][:2], rtol=1e-12)
