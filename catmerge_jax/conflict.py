@@ -367,6 +367,11 @@ def plan_linear(num_tasks: int, fan_in: int, fan_out: int, c: int, *, rows: int 
     return min(candidates, key=lambda p: p.flops)
 
 
+def _solved_from_rows(plan: LinearPlan) -> bool:
+    """Whether an explicit plan hands its row factors to the exact host solve, which builds ``G_k`` there by syrk."""
+    return plan.form == "rows" and plan.strategy == "explicit" and plan.solver == "eigh"
+
+
 def layer_bytes(plan: LinearPlan, num_tasks: int, fan_in: int, fan_out: int, data_size: int, c: int,
                 itemsize: int = 4) -> int:
     """Bytes one layer of a group holds while it is solved under ``plan``: its task vectors ``(K, in, out)``, its
@@ -379,7 +384,7 @@ def layer_bytes(plan: LinearPlan, num_tasks: int, fan_in: int, fan_out: int, dat
         operand = k * (2 * (k - 1) * rows + c) * out
     elif plan.strategy == "matrix_free":
         operand = k * k * rows * out
-    elif plan.form == "rows" and plan.solver == "eigh":
+    elif _solved_from_rows(plan):
         operand = k * 2 * (k - 1) * rows * out
     else:
         operand = k * out * out
@@ -418,7 +423,7 @@ def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: Lin
         floor = GAP_FLOOR * jnp.finfo(res.values.dtype).eps * res.scale
         return (res.values[..., c - 1] > floor) & (res.gap <= floor)
 
-    if plan.strategy == "low_rank" or (plan.form == "rows" and plan.strategy == "explicit" and plan.solver == "eigh"):
+    if plan.strategy == "low_rank" or _solved_from_rows(plan):
         # The factors layer by layer (a loop on CPU keeps one layer's K² products alive at a time), then ONE
         # factored solve for the whole group (on CPU one host call for all its (layer, task) pairs, which also
         # builds each explicit G_k there, by syrk into the triangle LAPACK reads).

@@ -123,15 +123,19 @@ def lower_largest(lower: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, fl
     triangle = np.tril(lower)
     if not np.all(np.isfinite(triangle)):
         return np.full((k,), np.nan, lower.dtype), np.full((n, k), np.nan, lower.dtype), float("nan")
-    if k == n:  # nothing to select (and LAPACK's wrappers want n > 1)
+
+    def full_decomposition():
         return _numpy_largest(triangle + np.tril(triangle, -1).T, k)
+
+    if k == n:  # nothing to select (and LAPACK's wrappers want n > 1)
+        return full_decomposition()
     d, e, tau, info = _sytrd(lower)
     stebz, stein, ormqr = get_lapack_funcs(("stebz", "stein", "ormqr"), (lower,))
     tol = 2.0 * np.finfo(lower.dtype).tiny
     found, w, iblock, isplit, info_values = stebz(d, e, 3, 0.0, 0.0, n - k + 1, n, tol, "B")
     vectors, info_vectors = stein(d, e, w[:found], iblock, isplit)
-    if info or info_values or info_vectors or found != k:  # LAPACK could not do it this way: the full decomposition
-        return _numpy_largest(triangle + np.tril(triangle, -1).T, k)
+    if info or info_values or info_vectors or found != k:  # LAPACK could not do it this way
+        return full_decomposition()
     # T = Qᵀ m Q with Q = H(1)…H(n−1) stored below the subdiagonal of `lower` (LAPACK's orgtr layout); n > k ≥ 1
     vectors[1:] = ormqr("L", "N", lower[1:, :-1], tau, vectors[1:], 64 * k)[0]
     lowest = stebz(d, e, 3, 0.0, 0.0, 1, 1, tol, "E")[1][0]

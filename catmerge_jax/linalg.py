@@ -170,18 +170,29 @@ def host_call(fn: Callable, shapes: tuple[jax.ShapeDtypeStruct, ...], *args: jax
     return tuple(jax.lax.bitcast_convert_type(r, s.dtype) if w else r for r, s, w in zip(out, shapes, wide_out))
 
 
-def _host_largest(matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    a = np.asarray(matrix)
-    n = a.shape[-1]
-    return hostlapack.each_problem(hostlapack.symmetric_largest, k, n, a.shape[:-2], a.dtype, a.reshape((-1, n, n)))
+def _host_solve(solve: Callable, k: int, n: int, core_ndims: tuple[int, ...], *args: jax.Array):
+    """``(values (*lead, k), vectors (*lead, n, k), scale (*lead))`` of ``solve`` (a :mod:`catmerge_jax.hostlapack`
+    per-problem solver) over every problem of ``args``, each ``(*lead, *core)`` with ``core_ndims`` problem axes:
+    one host call for the batch, whose problems the host spreads over the cores."""
+    lead = args[0].shape[:args[0].ndim - core_ndims[0]]
+    dtype = args[0].dtype
+    shapes = (jax.ShapeDtypeStruct(lead + (k,), dtype), jax.ShapeDtypeStruct(lead + (n, k), dtype),
+              jax.ShapeDtypeStruct(lead, dtype))
+
+    def on_host(*arrays):
+        arrays = [np.asarray(a) for a in arrays]
+        # vmap may have added batch axes: the host's leading axes are read off what arrived
+        host_lead = arrays[0].shape[:arrays[0].ndim - core_ndims[0]]
+        flat = [a.reshape((-1,) + a.shape[a.ndim - nd:]) for a, nd in zip(arrays, core_ndims)]
+        return hostlapack.each_problem(solve, k, n, host_lead, arrays[0].dtype, *flat)
+
+    return host_call(on_host, shapes, *args)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     def on_cpu(m):
-        shapes = (jax.ShapeDtypeStruct(m.shape[:-2] + (k,), m.dtype),
-                  jax.ShapeDtypeStruct(m.shape[:-1] + (k,), m.dtype), jax.ShapeDtypeStruct(m.shape[:-2], m.dtype))
-        return host_call(functools.partial(_host_largest, k=k), shapes, m)
+        return _host_solve(hostlapack.symmetric_largest, k, m.shape[-1], (2,), m)
 
     return jax.lax.platform_dependent(matrix, cpu=on_cpu, default=lambda m: _full_largest(m, k))
 
@@ -216,7 +227,7 @@ def eigh_largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.A
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The top eigenpairs of a factored matrix Zᵀ diag(w) Z with fewer rows than columns.
+# The top eigenpairs of a factored matrix Zᵀ diag(w) Z (through a QR when it has fewer rows than columns).
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -239,13 +250,6 @@ def _factored_jax(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, 
     flat = (z.reshape((-1, m, n)), weights.reshape((-1, m)))
     values, vectors, scale = map_batch(one, flat)
     return values.reshape(lead + (k,)), vectors.reshape(lead + (n, k)), scale.reshape(lead)
-
-
-def _factored_host(z: np.ndarray, weights: np.ndarray, k: int):
-    z, weights = np.asarray(z), np.asarray(weights)
-    m, n = z.shape[-2:]
-    return hostlapack.each_problem(hostlapack.factored_one, k, n, z.shape[:-2], z.dtype, z.reshape((-1, m, n)),
-                                   weights.reshape((-1, m)))
 
 
 def factored_largest(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -281,10 +285,7 @@ def factored_largest(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Arra
     z, weights = jax.lax.stop_gradient((z, weights.astype(z.dtype)))
 
     def on_cpu(z, weights):
-        lead = z.shape[:-2]
-        shapes = (jax.ShapeDtypeStruct(lead + (k,), z.dtype), jax.ShapeDtypeStruct(lead + (n, k), z.dtype),
-                  jax.ShapeDtypeStruct(lead, z.dtype))
-        return host_call(functools.partial(_factored_host, k=k), shapes, z, weights)
+        return _host_solve(hostlapack.factored_one, k, n, (2, 1), z, weights)
 
     return jax.lax.platform_dependent(z, weights, cpu=on_cpu, default=lambda a, b: _factored_jax(a, b, k))
 
