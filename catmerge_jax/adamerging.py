@@ -109,6 +109,8 @@ def adamerging_rule(logits_fn: LogitsFn, *, granularity: str = "layer", init: fl
 
 
 class AdaMergingResult(NamedTuple):
+    """What :func:`adamerging` returns: the merged params, the learned coefficients and the loss history."""
+
     params: Any            # the merged model with the learned coefficients
     coefficients: Any      # (K,) or a params-shaped tree of (K,)
     losses: np.ndarray     # entropy before each step, (steps,)

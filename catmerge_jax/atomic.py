@@ -8,11 +8,34 @@ folder it was not asked to replace.
   renamed in, then the old one deleted.
 * Creating a temporary folder and taking charge of removing it happen with SIGINT/SIGTERM deferred
   (:func:`deferred_signals`, :func:`temp_dir`): a signal that arrives just after ``mkdir`` cannot leave the folder
-  behind with nobody holding its name.
-* Temporary folders are named ``.catmerge-tmp-<name>-<random>`` and hold a marker file naming the process that
-  made them; :func:`clean_stale_temp_dirs` removes those whose process is gone (a run killed by SIGKILL), and
-  nothing else.
+  behind with nobody holding its name. :func:`publish_dir` runs with them deferred too.
+* Temporary folders are named ``.catmerge-tmp-<name>-<random>``; BESIDE each one lies its marker file
+  ``.catmerge-tmp-<name>-<random>.catmerge-partial`` (:func:`marker_path`) naming the process that made it. The
+  marker is made before the folder and removed after it is gone (published or deleted), so no instant exists at
+  which the folder is there without its marker, and the published folder never holds one.
+  :func:`clean_stale_temp_dirs` (run by :func:`make_temp_dir`, so by the next run into the same parent) finishes
+  or undoes the work of runs whose process is gone (SIGKILL, power loss), and touches nothing else.
 * Files and folders are created with mode ``0o666`` / ``0o777`` minus the umask, like any other tool.
+
+The publish sequence, and what the next run's clean-up does if the process is killed after each step
+(``T`` the temporary folder, ``M`` its marker, ``O`` the old folder set aside, ``out`` the destination)::
+
+    make_temp_dir   1. create M (O_EXCL) and write it     killed: an empty or complete M, no T: M removed
+                    2. mkdir T                            killed: T and M: T removed, then M
+    (caller)        3. write the files into T             killed: as 2
+    publish_dir     new out (or an empty one the caller accepted):
+                    4. rename T -> out (no replace)       killed: M alone: removed
+                    5. unlink M
+                    existing out with overwrite:
+                    4. M += {"out", "old": O}             killed: as 2 (O does not exist yet)
+                    5. rename out -> O                    killed: O put back at out, T removed
+                    6. rename T -> out (no replace)       killed: T is gone, so the new out is whole: O removed
+                    7. rmtree O                           killed: as 6
+                    8. unlink M
+
+So after the clean-up ``out`` is either the complete new folder or what it was before the run (on kernels without
+``RENAME_NOREPLACE`` a kill between the ``mkdir`` claim and the rename may also leave ``out`` an empty folder, which
+the next run accepts), and no ``.catmerge-tmp-`` or ``.catmerge-old-`` entry of the dead run is left.
 
 >>> import os, tempfile
 >>> from catmerge_jax.atomic import atomic_file
@@ -35,16 +58,22 @@ import shutil
 import signal
 import socket
 import threading
-from typing import IO, Iterator
+from typing import IO, Any, Iterator, Mapping
 
 __all__ = ["atomic_file", "make_temp_dir", "temp_dir", "deferred_signals", "remove_temp_dir", "publish_dir",
-           "clean_stale_temp_dirs", "PublishConflict", "TEMP_PREFIX", "MARKER", "dir_identity", "rename_noreplace"]
+           "clean_stale_temp_dirs", "PublishConflict", "TEMP_PREFIX", "MARKER", "dir_identity", "rename_noreplace",
+           "marker_path"]
 
 TEMP_PREFIX = ".catmerge-tmp-"
 """Name prefix of the temporary folders this package makes (``.catmerge-tmp-<out name>-<random>``)."""
 MARKER = ".catmerge-partial"
-"""Marker file inside each temporary folder: JSON ``{"tool", "pid", "start", "host"}`` of the process writing it."""
+"""Name suffix of the marker file beside each temporary folder (``<folder>.catmerge-partial``): JSON
+``{"tool", "pid", "start", "host"}`` of the process writing it, plus ``"out"`` and ``"old"`` (names in the same
+parent) while an ``overwrite`` publish has the old folder set aside. (Earlier versions kept it inside the folder;
+:func:`clean_stale_temp_dirs` still reads those.)"""
 _OLD_PREFIX = ".catmerge-old-"
+_NEW = ".new"  # suffix of the marker's next version, renamed over it
+_PREVIOUS = ".catmerge-previous-"  # a set-aside folder that could not be put back at its place gets this visible name
 
 
 class PublishConflict(FileExistsError):
@@ -160,29 +189,81 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
                 signal.raise_signal(signum)
 
 
-def make_temp_dir(parent: str, name: str) -> str:
-    """Create ``parent/.catmerge-tmp-<name>-<random>`` (mode 0o777 minus the umask) holding the :data:`MARKER`
-    file of this process. Returns its path.
+def marker_path(tmp: str) -> str:
+    """The marker file of the temporary folder ``tmp``: ``<tmp>.catmerge-partial``, beside it, so it outlives the
+    folder's rename and the published folder never carries it."""
+    return os.fspath(tmp).rstrip(os.sep) + MARKER
 
-    The caller must take charge of removing it; :func:`temp_dir` does so with no gap a signal could fall into.
+
+def _identity() -> dict:
+    pid = os.getpid()
+    return {"tool": "catmerge", "pid": pid, "start": _start_time(pid), "host": socket.gethostname()}
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _create_marker(marker: str) -> None:
+    """Create ``marker`` (``FileExistsError`` if it exists) holding this process's identity. One small ``write``:
+    a kill can leave it empty (between the open and the write) but never half-written."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(marker, flags, 0o666)
+    try:
+        _write_fd(fd, json.dumps(_identity()).encode())
+    except BaseException:
+        _unlink_quietly(marker)
+        raise
+
+
+def _rewrite_marker(marker: str, content: dict) -> None:
+    """Replace ``marker``'s content atomically (written to ``<marker>.new``, renamed over it)."""
+    new = marker + _NEW
+    try:
+        _write_fd(os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666),
+                  json.dumps(content).encode())
+        os.replace(new, marker)
+    except BaseException:
+        _unlink_quietly(new)
+        raise
+
+
+def make_temp_dir(parent: str, name: str) -> str:
+    """Create ``parent/.catmerge-tmp-<name>-<random>`` (mode 0o777 minus the umask) and, first, its marker file
+    beside it (:func:`marker_path`). Returns the folder's path.
+
+    The leftovers of dead runs in ``parent`` are removed first (:func:`clean_stale_temp_dirs`). The caller must
+    take charge of removing the folder (:func:`remove_temp_dir`); :func:`temp_dir` does so with no gap a signal
+    could fall into.
     """
+    clean_stale_temp_dirs(parent)
     with deferred_signals():
         while True:
             path = os.path.join(parent, _random_name(f"{TEMP_PREFIX}{name}-"))
+            marker = marker_path(path)
             try:
-                os.mkdir(path, 0o777)
-                break
+                _create_marker(marker)
             except FileExistsError:
                 continue
-        try:
-            pid = os.getpid()
-            with open(os.path.join(path, MARKER), "w") as f:
-                json.dump({"tool": "catmerge", "pid": pid, "start": _start_time(pid), "host": socket.gethostname()},
-                          f)
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
-    return path
+            try:
+                os.mkdir(path, 0o777)
+            except FileExistsError:
+                _unlink_quietly(marker)
+                continue
+            except BaseException:
+                _unlink_quietly(marker)
+                raise
+            return path
 
 
 @contextlib.contextmanager
@@ -212,13 +293,18 @@ def temp_dir(parent: str, name: str) -> Iterator[str]:
 
 
 def remove_temp_dir(path: str) -> None:
-    """Delete a folder made by :func:`make_temp_dir` (quietly, whatever state it is in)."""
+    """Delete a folder made by :func:`make_temp_dir` and then its marker (quietly, whatever state they are in; a
+    folder already published or renamed elsewhere is not followed)."""
     shutil.rmtree(path, ignore_errors=True)
+    marker = marker_path(path)
+    _unlink_quietly(marker + _NEW)
+    _unlink_quietly(marker)
 
 
-def _read_marker(folder: str) -> dict | None:
+def _read_marker(path: str) -> dict | None:
+    """The content of the marker file ``path`` if it is one of ours, else ``None``."""
     try:
-        with open(os.path.join(folder, MARKER)) as f:
+        with open(path) as f:
             marker = json.load(f)
     except (OSError, ValueError, UnicodeDecodeError):
         return None
@@ -227,16 +313,57 @@ def _read_marker(folder: str) -> dict | None:
     return marker
 
 
-def clean_stale_temp_dirs(parent: str) -> list[str]:
-    """Remove the temporary folders of earlier runs that died (SIGKILL, power loss) in ``parent``.
+def _is_plain_name(name: Any, prefix: str = "") -> bool:
+    """A name inside the marker's own folder (markers are read from disk: no separators, no ``..``)."""
+    return (isinstance(name, str) and name.startswith(prefix) and name not in ("", ".", "..") and os.sep not in name
+            and (os.altsep is None or os.altsep not in name) and "\0" not in name)
 
-    Only folders whose name starts with :data:`TEMP_PREFIX`, that are real folders (not symlinks), hold a valid
-    :data:`MARKER` written on this host, and whose writing process no longer exists are removed; a folder of a
-    run still in progress, or anything this package did not make, is left alone. Returns the removed paths.
-    """
-    removed = []
+
+def _put_back(old: str, out: str) -> None:
+    """Rename the set-aside folder ``old`` back to ``out``; if something took ``out`` meanwhile, give ``old`` a
+    visible name beside it (``<out>.catmerge-previous-<random>``) rather than leave it hidden."""
     try:
-        names = os.listdir(parent)
+        rename_noreplace(old, out)
+    except OSError:
+        with contextlib.suppress(OSError):
+            rename_noreplace(old, _random_name(f"{out}{_PREVIOUS}"))
+
+
+def _finish_or_undo(parent: str, tmp: str, marker: Mapping) -> None:
+    """Complete what a dead run's ``overwrite`` publish left (its marker names ``out`` and ``old``): with the new
+    folder still at ``tmp`` nothing was published, so the old folder goes back to ``out``; with ``tmp`` gone the new
+    folder is in place and the old one is deleted."""
+    old, out = marker.get("old"), marker.get("out")
+    if not (_is_plain_name(old, _OLD_PREFIX) and _is_plain_name(out)):
+        return
+    old, out = os.path.join(parent, old), os.path.join(parent, out)
+    if dir_identity(old) is None:
+        return
+    if dir_identity(tmp) is None:
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if dir_identity(out) is not None:
+        with contextlib.suppress(OSError):
+            os.rmdir(out)  # only an empty folder: the run's own mkdir claim (kernels without RENAME_NOREPLACE)
+    _put_back(old, out)
+
+
+def _stale(marker: dict | None, host: str) -> bool:
+    return marker is not None and marker.get("host") == host and not _alive(marker["pid"], marker.get("start"))
+
+
+def clean_stale_temp_dirs(parent: str) -> list[str]:
+    """Remove what runs that died (SIGKILL, power loss) left in ``parent``; returns the temporary folders removed.
+
+    Only ``.catmerge-tmp-*`` folders and their markers whose marker (valid JSON, written on this host) names a
+    process that no longer exists are touched: an ``overwrite`` publish the run had started is finished or undone
+    (see the module docstring), then the folder and the marker are removed. A marker left empty by a kill between
+    its creation and its write, with no folder beside it, is removed too. A folder of a run still in progress, one
+    without a marker, or anything this package did not make, is left alone.
+    """
+    removed: list[str] = []
+    try:
+        names = sorted(os.listdir(parent))
     except OSError:
         return removed
     host = socket.gethostname()
@@ -244,13 +371,27 @@ def clean_stale_temp_dirs(parent: str) -> list[str]:
         if not name.startswith(TEMP_PREFIX):
             continue
         path = os.path.join(parent, name)
-        if dir_identity(path) is None:
-            continue
-        marker = _read_marker(path)
-        if marker is None or marker.get("host") != host or _alive(marker["pid"], marker.get("start")):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+        if name.endswith(MARKER):
+            tmp = path[:-len(MARKER)]
+            marker = _read_marker(path)
+            if marker is None:
+                with contextlib.suppress(OSError):
+                    if os.lstat(path).st_size == 0 and not os.path.lexists(tmp):
+                        os.unlink(path)
+                continue
+            if not _stale(marker, host):
+                continue
+            _finish_or_undo(parent, tmp, marker)
+            if dir_identity(tmp) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+            _unlink_quietly(path + _NEW)
+            _unlink_quietly(path)
+        elif dir_identity(path) is not None and not os.path.lexists(marker_path(path)):
+            # A folder of an older catmerge, which kept the marker inside.
+            if _stale(_read_marker(os.path.join(path, MARKER)), host):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
 
 
@@ -298,39 +439,49 @@ def rename_noreplace(src: str, dst: str) -> None:
 
 
 def publish_dir(tmp: str, out: str, *, overwrite: bool = False, accept: tuple[int, int] | None = None) -> None:
-    """Rename the finished folder ``tmp`` (from :func:`make_temp_dir`, same parent) to ``out``.
+    """Rename the finished folder ``tmp`` (from :func:`make_temp_dir`, same parent) to ``out``, then remove its
+    marker.
 
     Without ``overwrite``, ``out`` must not exist, except the empty folder whose :func:`dir_identity` is
     ``accept`` (what the caller saw, and agreed to fill, at the start); anything else at ``out`` — a folder that
     appeared meanwhile, even an empty one, or another run's result — raises :class:`PublishConflict` and is left
-    untouched (so is ``tmp``, marker removed). With ``overwrite`` an existing folder ``out`` is renamed aside, ``tmp``
-    renamed in, and the old folder deleted; a symlink or file at ``out`` is never replaced.
+    untouched (so are ``tmp`` and its marker: rename ``tmp`` elsewhere or not, then :func:`remove_temp_dir`). With
+    ``overwrite`` an existing folder ``out`` is renamed aside, ``tmp`` renamed in, and the old folder deleted, the
+    marker recording the step (see the module docstring); a symlink or file at ``out`` is never replaced. Runs with
+    SIGINT/SIGTERM deferred, so an interrupt cannot stop it between two of its renames.
     """
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(tmp, MARKER))
-    if os.path.islink(out) or (os.path.lexists(out) and dir_identity(out) is None):
-        raise PublishConflict(errno.EEXIST, "exists and is not a folder", out)
-    ident = dir_identity(out)
-    if ident is None:
-        rename_noreplace(tmp, out)
-        return
-    if not overwrite:
-        if accept is None or ident != accept:
-            raise PublishConflict(errno.EEXIST, "appeared while merging", out)
-        try:
-            os.rename(tmp, out)  # replaces only an empty folder; one that got files meanwhile fails here
-        except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise PublishConflict(errno.EEXIST, "is no longer empty", out) from None
-            raise
-        return
-    parent = os.path.dirname(out)
-    old = os.path.join(parent, _random_name(f"{_OLD_PREFIX}{os.path.basename(out)}-"))
+    with deferred_signals():
+        if os.path.islink(out) or (os.path.lexists(out) and dir_identity(out) is None):
+            raise PublishConflict(errno.EEXIST, "exists and is not a folder", out)
+        ident = dir_identity(out)
+        if ident is None:
+            rename_noreplace(tmp, out)
+        elif not overwrite:
+            if accept is None or ident != accept:
+                raise PublishConflict(errno.EEXIST, "appeared while merging", out)
+            try:
+                os.rename(tmp, out)  # replaces only an empty folder; one that got files meanwhile fails here
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise PublishConflict(errno.EEXIST, "is no longer empty", out) from None
+                raise
+        else:
+            _replace_dir(tmp, out)
+        _unlink_quietly(marker_path(tmp))
+
+
+def _replace_dir(tmp: str, out: str) -> None:
+    """Steps 4-7 of the overwrite publish (module docstring)."""
+    marker = marker_path(tmp)
+    before = _read_marker(marker) or _identity()
+    old = os.path.join(os.path.dirname(out), _random_name(f"{_OLD_PREFIX}{os.path.basename(out)}-"))
+    _rewrite_marker(marker, {**before, "out": os.path.basename(out), "old": os.path.basename(old)})
     os.rename(out, old)
     try:
         rename_noreplace(tmp, out)
     except BaseException:
+        _put_back(old, out)  # the user's folder back, if nothing took its place
         with contextlib.suppress(OSError):
-            rename_noreplace(old, out)  # put the user's folder back if nothing took its place
+            _rewrite_marker(marker, before)  # nothing set aside any more: a later clean-up must not look for it
         raise
     shutil.rmtree(old, ignore_errors=True)

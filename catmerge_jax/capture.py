@@ -8,6 +8,8 @@ family: ``flax.linen.intercept_methods`` sees every ``__call__`` of every module
 ==================  ==========================================================================================
 ``nn.Dense``        ``kernel``: input rows ``(..., in)``
 ``nn.DenseGeneral`` ``kernel``: input with the contracted ``axis`` moved last and flattened, ``(..., prod(in))``
+``nn.Einsum``       ``kernel``: input rows (axes the kernel does not touch) with the contracted axes flattened last
+                    in the kernel's order (roles: :func:`catmerge_jax.einsum.module_specs`)
 ``nn.Conv``         ``kernel``: unfolded input patches ``(N, *out_spatial, prod(window) * in)``, ordered like
                     ``kernel.reshape(-1, out)`` (window-major, channel-minor)
 ``nn.LayerNorm``    ``scale``: normalized input ``x̂ = (x − mean) / sqrt(var + ε)`` (the module's own ε, axes,
@@ -86,8 +88,8 @@ import numpy as np
 from flax.linen.linear import _conv_dimension_numbers, canonicalize_padding
 
 from catmerge_jax.errors import CatMergeError
-from catmerge_jax.roles import Overrides, Role, classify, default_spec, is_spec
-from catmerge_jax.stats import LeafStats, stats_add, stats_from_arrays
+from catmerge_jax.roles import LeafSpec, Overrides, Role, classify, declared_specs, default_spec, is_spec, with_declared
+from catmerge_jax.stats import LeafStats, stats_add, stats_from_arrays, with_specs
 from catmerge_jax.tree import PyTree, leaves_with_paths
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -273,6 +275,21 @@ def group_norm_rule(module: nn.GroupNorm, args: tuple, kwargs: dict) -> Captured
     return _norm_captured(module, xhat, (x.ndim - 1,))
 
 
+def einsum_rule(module: nn.Einsum, args: tuple, kwargs: dict) -> Captured:
+    """``nn.Einsum``: the kernel is one linear map from its contracted axes to its other axes; the input rows are
+    the input's axes the kernel does not touch, the contracted axes flattened last in the kernel's order
+    (:func:`catmerge_jax.einsum.einsum_inputs`; its roles: :func:`catmerge_jax.einsum.module_specs`)."""
+    from catmerge_jax.einsum import einsum_inputs
+
+    x = args[0] if args else kwargs["inputs"]
+    eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+    try:
+        rows_shape, rows = einsum_inputs(eq, x, tuple(module.shape))
+    except CatMergeError as e:
+        raise CaptureError(f"module '{'/'.join(module.path)}': {e}") from None
+    return Captured(rows_shape=rows_shape, linear={"kernel": rows})
+
+
 def embed_rule(module: nn.Embed, args: tuple, kwargs: dict) -> Captured:
     """``nn.Embed``: a lookup table (task arithmetic), so only the row count of its ids."""
     ids = args[0] if args else kwargs["inputs"]
@@ -282,6 +299,7 @@ def embed_rule(module: nn.Embed, args: tuple, kwargs: dict) -> Captured:
 DEFAULT_RULES: Mapping[type, Rule] = types.MappingProxyType({
     nn.Dense: dense_rule,
     nn.DenseGeneral: dense_general_rule,
+    nn.Einsum: einsum_rule,
     nn.Conv: conv_rule,
     nn.LayerNorm: layer_norm_rule,
     nn.RMSNorm: rms_norm_rule,
@@ -608,6 +626,9 @@ def _check_width(path: str, name: str, x: jax.Array, kernel_shape: tuple, expect
     width = int(x.shape[-1])
     axes = tuple(kernel_shape)[::-1] if out_first else tuple(kernel_shape)
     valid = {int(np.prod(axes[:k], dtype=np.int64)) for k in range(1, len(axes))}
+    # an einsum kernel may contract any of its axes (``(heads, d_model, head_dim)`` contracts the middle one)
+    valid |= {int(np.prod([axes[i] for i in range(len(axes)) if m >> i & 1], dtype=np.int64))
+              for m in range(1, 2 ** len(axes) - 1)} if len(axes) <= 8 else set()
     if width not in valid:
         exp = expected if expected is not None else min(valid, default=0)
         raise CaptureError(f"layer '{path or '<root>'}': expects inputs of width {exp} ('{name}' of shape {tuple(kernel_shape)}), "
@@ -737,10 +758,24 @@ class Capture(NamedTuple):
         return _run_linen_jit(params, extra_variables, inputs, token_mask, sink, **static)
 
     def stack_shapes(self, params, extra_variables, inputs, token_mask, form):
-        return self._call("shapes", params, extra_variables, inputs, token_mask, np.int32(0), form)
+        # Remembered per (capture, argument shapes): every task of a merge has the same ones, and each trace of the
+        # model costs as much as a small model's forward pass itself.
+        try:
+            key = (self, form, jax.tree.structure((params, extra_variables, inputs, token_mask)),
+                   tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
+                         for x in jax.tree.leaves((params, extra_variables, inputs, token_mask))))
+            hash(key)
+        except TypeError:
+            return self._call("shapes", params, extra_variables, inputs, token_mask, np.int32(0), form)
+        if key not in _STACK_SHAPES:
+            _STACK_SHAPES[key] = self._call("shapes", params, extra_variables, inputs, token_mask, np.int32(0), form)
+        return _STACK_SHAPES[key]
 
     def run(self, params, extra_variables, inputs, token_mask, form, stacks, sink):
         self._call("emit", _with_layer_index(params, stacks), extra_variables, inputs, token_mask, sink, form)
+
+
+_STACK_SHAPES: dict = {}
 
 
 def make_capture(apply_fn_or_module: Any, *, rules: Mapping[type, Rule | None] | None = None,
@@ -1139,14 +1174,26 @@ def _check_against_roles(params: PyTree, stats: PyTree, roles: Overrides) -> Non
                                "fix its role with roles={path: LeafSpec(Role.LINEAR, in_axes=...)}")
 
 
-def _capture_of(model: Any, params: PyTree, inputs: tuple, rules, kwargs) -> tuple[Any, PyTree, tuple, Overrides]:
-    """``(capture value, params tree the stats mirror, model inputs, module-type roles)`` for any kind of model."""
+def linen_declared_specs(model: Any, params: PyTree) -> dict[str, LeafSpec]:
+    """The specs a linen model declares for the leaves of ``params``: its ``param_roles()`` (paths or patterns;
+    e.g. open_clip's fused ``in_proj``), resolved leaf by leaf. ``model`` may be a ``Module``, its bound ``apply``
+    or a :class:`Capture`; a model without ``param_roles`` declares nothing (``{}``)."""
+    module = model.model if isinstance(model, Capture) else model
+    if not isinstance(module, nn.Module):
+        module = getattr(module, "__self__", None)  # a bound Module.apply
+    param_roles = getattr(module, "param_roles", None) if isinstance(module, nn.Module) else None
+    return declared_specs(params, param_roles()) if callable(param_roles) else {}
+
+
+def _capture_of(model: Any, params: PyTree, inputs: tuple, rules, kwargs) -> tuple[Any, PyTree, tuple, dict]:
+    """``(capture value, params tree the stats mirror, model inputs, declared specs)`` for any kind of model; the
+    specs come from the module types (nnx, equinox) or the linen model's ``param_roles()``."""
     from catmerge_jax.modules import is_eqx_module, is_nnx_module, split_params
 
     if isinstance(model, Capture):
         if rules or kwargs:
             raise CaptureError("rules and model keyword arguments belong to make_capture() when a Capture is given")
-        return model, params, inputs, None
+        return model, params, inputs, linen_declared_specs(model, params)
     if is_nnx_module(model) or is_eqx_module(model):
         from flax import nnx
 
@@ -1159,8 +1206,8 @@ def _capture_of(model: Any, params: PyTree, inputs: tuple, rules, kwargs) -> tup
             cap = _NnxCapture(graphdef, rest, tuple(table.items()), tuple(sorted(kwargs.items())))
         else:
             cap = _EqxCapture(model, tuple(table.items()), tuple(sorted(kwargs.items())))
-        return cap, split.params, inputs, split.roles
-    return make_capture(model, rules=rules, **kwargs), params, inputs, None
+        return cap, split.params, inputs, split.roles or {}
+    return make_capture(model, rules=rules, **kwargs), params, inputs, linen_declared_specs(model, params)
 
 
 def capture_stats(apply_fn_or_module: Any, params: PyTree = None, *inputs: Any, token_mask: Any = None,
@@ -1191,7 +1238,8 @@ def capture_stats(apply_fn_or_module: Any, params: PyTree = None, *inputs: Any, 
         applies to every captured input whose leading row axes (batch axes included) equal its shape.
       form: ``"gram"``, ``"rows"`` or ``"auto"`` (rows while a batch has fewer rows than input features).
       roles: role overrides (as for :func:`catmerge_jax.roles.classify`); used to check that every linear kernel's
-        matrix view matches the inputs its layer receives.
+        matrix view matches the inputs its layer receives. They must agree with the specs the model declares
+        (:func:`catmerge_jax.roles.reconcile`).
       batch_size: exemplars per forward pass (``None``: all at once).
       extra_variables: linen: other collections the model needs, e.g. ``{"batch_stats": ...}``.
       rules: extra capture rules (see the module docstring).
@@ -1200,11 +1248,12 @@ def capture_stats(apply_fn_or_module: Any, params: PyTree = None, *inputs: Any, 
 
     Returns:
       A tree like the params with a :class:`LeafStats` at every leaf (``count=0`` where the forward pass never
-      went).
+      went). A leaf the model declares a spec for (a linen model's ``param_roles()``, an nnx/equinox module type)
+      carries it as ``LeafStats.spec``, so every merge reading these statistics uses it without ``roles=``.
     """
     if form not in ("auto", "gram", "rows"):
         raise CatMergeError(f"form must be 'auto', 'gram' or 'rows', got {form!r}")
-    capture, params, inputs, type_roles = _capture_of(apply_fn_or_module, params, inputs, rules, kwargs)
+    capture, params, inputs, declared = _capture_of(apply_fn_or_module, params, inputs, rules, kwargs)
     if not inputs:
         raise CaptureError("capture_stats needs at least one input array")
     arrays = [jnp.asarray(x) for x in inputs]
@@ -1246,22 +1295,13 @@ def capture_stats(apply_fn_or_module: Any, params: PyTree = None, *inputs: Any, 
                       "count 0 (no statistics at all). A model wrapped in another framework's modules (nnx.bridge, a "
                       "linen module inside nnx, ...) is captured through the outer framework only: capture the inner "
                       "model itself, or add rules= for your own layer types", stacklevel=2)
-    merged_roles = roles
-    if type_roles:
-        merged_roles = (lambda p, x: _lookup_roles(roles, type_roles, p, x))
-    _check_against_roles(params, total, merged_roles)
-    return total
+    _check_against_roles(params, total, with_declared(declared, roles))
+    return with_specs(total, declared)
 
 
-def _lookup_roles(user: Overrides, by_type: Mapping[str, Any], path: str, leaf: Any):
-    from catmerge_jax.roles import lookup_override as _lookup
-
-    chosen = _lookup(user, path, leaf)
-    return chosen if chosen is not None else by_type.get(path)
-
-
-__all__ = ["capture_stats", "make_capture", "Capture", "Captured", "CaptureError", "Rule", "DEFAULT_RULES",
-           "conv_patches", "dense_rule", "dense_general_rule", "conv_rule", "layer_norm_rule", "rms_norm_rule",
+__all__ = ["capture_stats", "make_capture", "linen_declared_specs", "Capture", "Captured", "CaptureError", "Rule",
+           "DEFAULT_RULES",
+           "conv_patches", "dense_rule", "dense_general_rule", "einsum_rule", "conv_rule", "layer_norm_rule", "rms_norm_rule",
            "batch_norm_rule", "group_norm_rule", "embed_rule", "nnx_linear_rule", "nnx_linear_general_rule",
            "nnx_conv_rule", "nnx_layer_norm_rule", "nnx_rms_norm_rule", "nnx_batch_norm_rule", "nnx_embed_rule",
            "eqx_linear_rule", "eqx_conv_rule", "eqx_layer_norm_rule", "eqx_rms_norm_rule", "eqx_embedding_rule"]

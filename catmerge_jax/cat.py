@@ -46,13 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 
 # cat_linear_bases*, GAP_FLOOR, POSITIVE_RTOL and positive_directions are part of this module's public operators
+from catmerge_jax import conflict
 from catmerge_jax.conflict import (GAP_FLOOR, POSITIVE_RTOL, cat_linear_bases, cat_linear_bases_from_rows,  # noqa: F401
                                    conflict_matrices_from_grams, layer_bytes, linear_group_bases, plan_linear,
                                    positive_directions, rows_bases_with_gap, top_with_gap)
 from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, TreeMismatchError
 from catmerge_jax.linalg import map_batch
-from catmerge_jax.roles import LeafSpec, Overrides, Role, check_spec, classify, is_spec, with_stacking
-from catmerge_jax.stats import LeafStats, check_stats, is_leaf_stats
+from catmerge_jax.roles import (LeafSpec, Overrides, Role, check_spec, classify, is_spec, union_declared, with_declared,
+                                with_stacking)
+from catmerge_jax.stats import LeafStats, check_stats, is_leaf_stats, stats_declarations
 from catmerge_jax.tree import (PyTree, check_finite, check_same_structure, compute_dtype, gather, is_concrete,
                                is_tracer, leaves_with_paths)
 
@@ -314,7 +316,22 @@ def linear_inputs(leaf: LeafInput, normalize: bool = False) -> tuple[str, jax.Ar
             r = _per_layer(s.rows, leaf.spec, 2).astype(dtype)
             g = jnp.einsum("lna,lnb->lab", r, r)
         grams.append(g / n.astype(dtype)[:, None, None] if normalize else g)
-    return "gram", jnp.stack(grams)
+    grams = jnp.stack(grams)
+    fan_out = leaf.spec.matrix_shape(leaf.task_vectors.shape[1:])[1]
+    if fan_out > conflict.MAX_EXPLICIT_OUT:
+        # An (out, out) G_k of a vocabulary-sized layer does not fit in memory; the rows plans never form it. A Gram
+        # is the Gram of its own square-root rows (A = RᵀR, R = diag(√w) Vᵀ from A = V diag(w) Vᵀ), so the same
+        # statistics go to those plans as `in` exact rows per task.
+        return "rows", _gram_square_root_rows(grams)
+    return "gram", grams
+
+
+@jax.jit
+def _gram_square_root_rows(grams: jax.Array) -> jax.Array:
+    """``(..., in, in)`` symmetric PSD Grams → rows ``R (..., in, in)`` with ``RᵀR = A`` (rounding-level negative
+    eigenvalues clipped to 0)."""
+    w, v = jnp.linalg.eigh(grams)
+    return jnp.swapaxes(v * jnp.sqrt(jnp.clip(w, 0.0))[..., None, :], -1, -2)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_max", "dtype"))
@@ -641,8 +658,9 @@ def validate_inputs(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequ
 
 
 class ParamsView(NamedTuple):
-    """A merge input seen as a plain params pytree: ``params``, the roles its module types imply (``None`` for
-    plain trees) and ``rebuild(params) -> the same kind of object`` (an equinox or nnx module, or the tree)."""
+    """A merge input seen as a plain params pytree: ``params``, the specs it declares (``{leaf path: LeafSpec}``
+    from its module types or a :class:`~catmerge_jax.roles.ParamsWithRoles`; ``None`` for plain trees) and
+    ``rebuild(params) -> the same kind of object`` (an equinox or nnx module, a ``ParamsWithRoles``, the tree)."""
 
     params: PyTree
     roles: Mapping[str, LeafSpec] | None
@@ -659,17 +677,22 @@ def params_view(obj: Any) -> ParamsView:
     return ParamsView(*view)
 
 
-def _combined_roles(module_roles: Mapping[str, LeafSpec] | None, user: Overrides) -> Overrides:
-    """User overrides first, then the roles the module types imply, then the path defaults."""
-    if not module_roles:
-        return user
-    from catmerge_jax.roles import lookup_override
+def _combined_roles(module_roles: Mapping[str, LeafSpec] | None, user: Overrides,
+                    stats: Sequence[PyTree] | None = None) -> Overrides:
+    """The overrides a merge classifies with: the user's, reconciled with the specs the inputs declare (the params'
+    module types or wrapper, and every stats tree's ``LeafStats.spec``); then the path defaults.
 
-    def pick(path: str, leaf: Any):
-        chosen = lookup_override(user, path, leaf)
-        return module_roles.get(path) if chosen is None else chosen
+    An explicit override that contradicts a declared spec, or two declarations that differ, raise
+    :class:`~catmerge_jax.errors.RoleConflictError` naming the leaf (see :func:`catmerge_jax.roles.reconcile`).
+    """
+    return with_declared(union_declared([("the params", module_roles), *stats_declarations(stats)]), user,
+                         source="the params")
 
-    return pick
+
+def roles_with_stats(roles: Overrides, stats: Sequence[PyTree] | None) -> Overrides:
+    """``roles`` over the specs K stats trees declare: what a registry adapter passes to a method that reads roles
+    but no statistics (TSV, Iso, WUDI), so their leaves are read as the model computes them."""
+    return with_declared(union_declared(stats_declarations(stats)), roles, source="the statistics")
 
 
 class TreeInputs(NamedTuple):
@@ -696,13 +719,13 @@ def tree_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTre
     view = params_view(pretrained)
     fts = [params_view(f).params for f in finetuned_list(finetuned)]
     validate_inputs(view.params, fts, stats)
-    specs = classify(view.params, _combined_roles(view.roles, roles))
+    specs = classify(view.params, _combined_roles(view.roles, roles, stats))
     base_leaves, treedef = jax.tree.flatten(view.params)
     paths = [p for p, _ in leaves_with_paths(view.params)]
     spec_leaves = [sp for _, sp in leaves_with_paths(specs, is_leaf=is_spec)]
     task_leaves = [jax.tree.leaves(t) for t in fts]
     stat_leaves = None if stats is None else [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
-    bases = [jnp.asarray(base) for base in base_leaves]
+    bases = [on_device(base) for base in base_leaves]
     all_tvs = _stacked_task_vectors(bases, [list(t) for t in zip(*task_leaves)])
     leaves = []
     for j, base in enumerate(bases):
@@ -713,6 +736,12 @@ def tree_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTre
             check_spec(paths[j], base.shape, spec)
         leaves.append(LeafInput(paths[j], spec, all_tvs[j], leaf_stats))
     return TreeInputs(leaves, bases, treedef, view.rebuild)
+
+
+def on_device(x: Any) -> jax.Array:
+    """``jnp.asarray(x)``, without compiling: JAX stages a NumPy array through a small compiled identity program
+    per shape (a few dozen programs for a model's leaves), ``jax.device_put`` copies it as it is."""
+    return jax.device_put(x) if isinstance(x, np.ndarray) else jnp.asarray(x)
 
 
 @jax.jit
@@ -820,7 +849,6 @@ def combine(pretrained: Any, task_vectors: Sequence[PyTree], coefficients: Any =
     tvs = finetuned_list(task_vectors)
     for k, t in enumerate(tvs):
         check_same_structure(view.params, t, what=f"task_vectors[{k}]", check_dtype=False)
-    num = len(tvs)
     base_leaves, treedef = jax.tree.flatten(view.params)
     coef_structure = jax.tree.structure(coefficients)
     if coef_structure == treedef:
@@ -832,6 +860,15 @@ def combine(pretrained: Any, task_vectors: Sequence[PyTree], coefficients: Any =
                                 f"({treedef.num_leaves} leaves); got a tree with {coef_structure.num_leaves} leaves")
     check_scalar("coefficients", coefficients, allow_tree=True)
     task_leaves = [jax.tree.leaves(t) for t in tvs]
+    merged = _combine_leaves(base_leaves, task_leaves, coef_leaves)
+    return view.rebuild(jax.tree.unflatten(treedef, merged))
+
+
+@jax.jit
+def _combine_leaves(base_leaves: list, task_leaves: list[list], coef_leaves: list) -> list[jax.Array]:
+    """:func:`combine`'s arithmetic, one compiled program for the whole tree (leaf by leaf, eagerly, it was a
+    dozen small programs and dispatches per leaf); coefficients are traced, so new values do not recompile."""
+    num = len(task_leaves)
     merged = []
     for j, base in enumerate(base_leaves):
         base = jnp.asarray(base)
@@ -839,7 +876,7 @@ def combine(pretrained: Any, task_vectors: Sequence[PyTree], coefficients: Any =
         coef = jnp.broadcast_to(jnp.asarray(coef_leaves[j], compute), (num,))
         update = sum(coef[k] * jnp.asarray(task_leaves[k][j]).astype(compute) for k in range(num))
         merged.append((base.astype(compute) + update).astype(base.dtype))
-    return view.rebuild(jax.tree.unflatten(treedef, merged))
+    return merged
 
 
 def _cat_table(lam: Any, c: int, *, scale_lam, scale_c, shift_lam, shift_c, joint, normalize_by_count,
@@ -860,11 +897,12 @@ def _cat_table(lam: Any, c: int, *, scale_lam, scale_c, shift_lam, shift_c, join
     return table
 
 
-def _warn_if_no_linear(inputs_or_params: Any, roles: Overrides, trim_linear: bool) -> None:
+def _warn_if_no_linear(inputs_or_params: Any, roles: Overrides, trim_linear: bool,
+                       stats: Sequence[PyTree] | None = None) -> None:
     if not trim_linear:
         return
     view = params_view(inputs_or_params)
-    specs = classify(view.params, _combined_roles(view.roles, roles))
+    specs = classify(view.params, _combined_roles(view.roles, roles, stats))
     if not any(sp.role is Role.LINEAR for _, sp in leaves_with_paths(specs, is_leaf=is_spec)):
         warnings.warn("CAT merge: no leaf has the role 'linear', so no linear projection runs and linear weights "
                       "get plain task arithmetic; check cm.role_table(params) or pass roles=", UserWarning,
@@ -898,6 +936,28 @@ def _stack_layers(arrays: tuple[jax.Array, ...], picks: tuple[tuple[int, int], .
     in ``picks``, then ``pad`` zero layers; one dispatch for a whole chunk of a group."""
     layers = [arrays[a][:, layer] for a, layer in picks]
     return jnp.stack(layers + [jnp.zeros_like(layers[0])] * pad)
+
+
+def _pad_rows(data: jax.Array, n: int, traced: bool) -> jax.Array:
+    """Rows ``(K, layers, n_own, in)`` with zero rows appended up to ``n`` (NumPy for concrete arrays: no program
+    to compile)."""
+    missing = n - data.shape[2]
+    if missing == 0:
+        return data
+    widths = ((0, 0), (0, 0), (0, missing), (0, 0))
+    if traced:
+        return jnp.pad(data, widths)
+    return jax.device_put(np.pad(np.asarray(data), widths))
+
+
+def _stack_layers_on_host(arrays: tuple[jax.Array, ...], picks: tuple[tuple[int, int], ...], pad: int) -> jax.Array:
+    """:func:`_stack_layers` of concrete arrays on one CPU device, by NumPy: a copy either way, but no program to
+    compile for every chunk of every group (a dozen for a small model's first merge)."""
+    if jax.default_backend() != "cpu":
+        return _stack_layers(arrays, picks, pad)
+    host = {a: np.asarray(arrays[a]) for a in dict.fromkeys(a for a, _ in picks)}  # views of the CPU buffers
+    layers = [host[a][:, layer] for a, layer in picks]
+    return jax.device_put(np.stack(layers + [np.zeros_like(layers[0])] * pad))
 
 
 @functools.partial(jax.jit, static_argnames=("picks", "specs", "shapes", "per_task"))
@@ -1016,7 +1076,7 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
                        rescale_norm=rescale_norm, trim_linear=trim_linear, trim_scale=trim_scale,
                        trim_shift=trim_shift)
     check_hparams(alpha, None)
-    _warn_if_no_linear(pretrained, roles, trim_linear)
+    _warn_if_no_linear(pretrained, roles, trim_linear, stats)
     inputs = tree_inputs(pretrained, finetuned, stats, roles=roles)
     clock: dict = {}
     solve = GroupSolve(solver, strategy, max_group_bytes, place, layer_multiple, batch_mode, min_gap)
@@ -1069,7 +1129,9 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
             linear_leaves.append(j)
             matrices.append(mats)
             inputs_data.append(data)
-            key = (form, (mats.shape[0],) + mats.shape[2:], data.shape[:1] + data.shape[2:], str(mats.dtype))
+            # rows of any count share a group (padded below), Grams group by their shape
+            shape = data.shape[:1] + data.shape[3:] if form == "rows" else data.shape[:1] + data.shape[2:]
+            key = (form, (mats.shape[0],) + mats.shape[2:], shape, str(mats.dtype))
             groups.setdefault(key, []).extend((position, layer) for layer in range(mats.shape[1]))
         else:
             t0 = time.perf_counter()
@@ -1088,8 +1150,19 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
     place = (lambda x: x) if place is None else place
     chunk_updates: list[jax.Array] = []
     layer_sources: dict[int, dict[int, tuple[int, int]]] = {p: {} for p in range(len(linear_leaves))}
+    for (form, _, _, _), members in groups.items():
+        # Layers whose inputs have fewer rows (a pooler sees one token per exemplar, the layers below see them all)
+        # join their shape's group with zero rows added: zero rows add nothing to any G_k, so the merge is the same,
+        # and the group compiles its programs once instead of once per row count.
+        if form == "rows":
+            positions = sorted({position for position, _ in members})
+            n_max = max(inputs_data[p].shape[2] for p in positions)
+            for p in positions:
+                inputs_data[p] = _pad_rows(inputs_data[p], n_max, traced or sharded)
     matrices, inputs_data = tuple(matrices), tuple(inputs_data)
-    for (form, (num_tasks, fan_in, fan_out), data_shape, _), members in iterator:
+    for (form, (num_tasks, fan_in, fan_out), _, _), members in iterator:
+        first = inputs_data[members[0][0]]
+        data_shape = first.shape[:1] + first.shape[2:]  # (K, n, in) rows or (K, in, in) Grams
         plan = plan_linear(num_tasks, fan_in, fan_out, c, rows=data_shape[1] if form == "rows" else None,
                            solver=solver, strategy=strategy)
         if form == "gram" and plan.form == "rows":  # rows are not available for this group
@@ -1099,8 +1172,9 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
         for chunk in _chunks(members, per_layer, max_group_bytes, layer_multiple):
             t0 = time.perf_counter()
             pad = (-len(chunk)) % layer_multiple
-            tvs = place(_stack_layers(matrices, tuple(chunk), pad))
-            data = place(_stack_layers(inputs_data, tuple(chunk), pad))
+            stack = _stack_layers if sharded or traced else _stack_layers_on_host
+            tvs = place(stack(matrices, tuple(chunk), pad))
+            data = place(stack(inputs_data, tuple(chunk), pad))
             bases = linear_group_bases(tvs, data, lam=lam, c=c, plan=plan, valid_layers=len(chunk),
                                        batch_mode=batch_mode, counts=clock,
                                        min_gap=min_gap, strict_top_c=strict_top_c)
@@ -1165,7 +1239,7 @@ def cat_trim(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[Py
                        joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
                        rescale_norm=rescale_norm, trim_linear=trim_linear, trim_scale=trim_scale,
                        trim_shift=trim_shift, strict_top_c=strict_top_c, precision=precision)
-    _warn_if_no_linear(pretrained, roles, trim_linear)
+    _warn_if_no_linear(pretrained, roles, trim_linear, stats)
     if not (fast and precision == "working"):
         if timings is not None:
             raise HyperparameterError("timings= reports the stages of the batched path (fast=True, "
@@ -1236,5 +1310,5 @@ def cat_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[P
                        joint=joint, normalize_by_count=normalize_by_count, scale_per_row_mean=scale_per_row_mean,
                        rescale_norm=rescale_norm, trim_linear=trim_linear, trim_scale=trim_scale,
                        trim_shift=trim_shift, strict_top_c=strict_top_c, precision=precision)
-    _warn_if_no_linear(pretrained, roles, trim_linear)
+    _warn_if_no_linear(pretrained, roles, trim_linear, stats)
     return merge_with_trimmers(pretrained, finetuned, stats, table, alpha=alpha, roles=roles, progress=progress)

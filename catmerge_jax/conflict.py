@@ -304,6 +304,11 @@ def _rows_conflict_and_bound(task_vectors: jax.Array, rows: jax.Array, lam: Any)
 
 THIN_PRODUCT_PENALTY = 4.0
 
+MAX_EXPLICIT_OUT = 16384
+"""Above this output width a layer whose statistics are rows is never solved through an explicit ``(out, out)``
+``G_k`` (≥ 1 GiB of float32 per task), whatever the flop count says: an LLM's LM head (``(d, vocab)``, vocab 32 k –
+256 k) takes the matrix-free or exact low-rank rows plan."""
+
 
 class LinearPlan(NamedTuple):
     """How one group of linear layers is solved (all static).
@@ -335,7 +340,8 @@ def plan_linear(num_tasks: int, fan_in: int, fan_out: int, c: int, *, rows: int 
     candidates = []
     gram_build = k * k * (2.0 * a * a * b + 2.0 * a * b * b)
     rows_y = None if rows is None else k * k * 2.0 * rows * a * b
-    if strategy in ("auto", "explicit"):
+    too_wide = strategy == "auto" and solver != "eigh" and rows is not None and c > 0 and b > MAX_EXPLICIT_OUT
+    if strategy == "explicit" or (strategy == "auto" and not too_wide):
         for form in ("gram",) + (() if rows is None else ("rows",)):
             for s in (("eigh", "iterative") if solver == "auto" else (solver,)):
                 if s == "iterative" and choose_solver(b, max(c, 1)) == "eigh" and solver == "auto":
@@ -427,11 +433,7 @@ def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: Lin
         # The factors layer by layer (a loop on CPU keeps one layer's K² products alive at a time), then ONE
         # factored solve for the whole group (on CPU one host call for all its (layer, task) pairs, which also
         # builds each explicit G_k there, by syrk into the triangle LAPACK reads).
-        if plan.strategy == "low_rank":
-            factors = lambda t, x: _low_rank_factors(t, x, lam, c)  # noqa: E731
-        else:
-            factors = lambda t, x: _rows_factors(t, x, lam)  # noqa: E731
-        z, d, bound = map_batch(lambda args: factors(*args), (tvs, data), mode=batch_mode)
+        z, d, bound = _exact_operands(tvs, data, lam, c, plan, batch_mode)
         bases, values, unresolved = _factored_top(z, d, c)
         return bases, values, jnp.ones(bases.shape[:2], bool), unresolved, bound
 
@@ -448,16 +450,82 @@ def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: Lin
 
         return map_batch(lambda args: layer(*args), (tvs, data), mode=batch_mode)
 
-    build = _rows_conflict_and_bound if plan.form == "rows" else _grams_conflict_and_bound
-    g, bound = jax.vmap(lambda t, d: build(t, d, lam))(tvs, data)  # (L, K, out, out), (L, K)
     if plan.solver == "eigh":
+        g, bound = _exact_operands(tvs, data, lam, c, plan, batch_mode)  # (L, K, out, out), (L, K)
         bases, values, unresolved = _top_values_gap(g, c)
         return bases, values, jnp.ones(g.shape[:2], bool), unresolved, bound
+    build = _rows_conflict_and_bound if plan.form == "rows" else _grams_conflict_and_bound
+    g, bound = jax.vmap(lambda t, d: build(t, d, lam))(tvs, data)  # (L, K, out, out), (L, K)
     flat = g.reshape((-1,) + g.shape[2:])
     res = map_batch(lambda m: block_krylov_top(m, c, config=config), flat, mode=batch_mode)
     lead = g.shape[:2]
     return (res.vectors.reshape(lead + res.vectors.shape[1:]), res.values.reshape(lead + (c,)),
             res.converged.reshape(lead), krylov_unresolved(res).reshape(lead), bound)
+
+
+def _exact_operands(tvs: jax.Array, data: jax.Array, lam: Any, c: int, plan: LinearPlan, batch_mode: str):
+    """What an exact (``solver="eigh"``) group solve factorizes: the row factors ``(Z (L, K, m, out), d (L, K, m),
+    bound (L, K))`` with ``G_k = Zᵀ diag(d) Z`` (low-rank and explicit-rows plans), else ``(G (L, K, out, out),
+    bound (L, K))``."""
+    if plan.strategy == "low_rank" or _solved_from_rows(plan):
+        if plan.strategy == "low_rank":
+            factors = lambda t, x: _low_rank_factors(t, x, lam, c)  # noqa: E731
+        else:
+            factors = lambda t, x: _rows_factors(t, x, lam)  # noqa: E731
+        return map_batch(lambda args: factors(*args), (tvs, data), mode=batch_mode)
+    build = _rows_conflict_and_bound if plan.form == "rows" else _grams_conflict_and_bound
+    return jax.vmap(lambda t, d: build(t, d, lam))(tvs, data)
+
+
+# Programs that hold a host callback are never written to JAX's persistent compilation cache (the callback is a
+# pointer into this process), and the group solves are a merge's largest programs. So where the solve runs on the
+# host anyway (CPU, concrete inputs, one device), the operands are one compiled program and the LAPACK calls run
+# between programs, on NumPy arrays: a second run then loads every program of the merge from the cache.
+@functools.partial(jax.jit, static_argnames=("c", "plan", "batch_mode"))
+def _exact_operands_program(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: LinearPlan,
+                            batch_mode: str = "auto"):
+    tvs, data, lam = jax.lax.stop_gradient((tvs, data, lam))
+    return _exact_operands(tvs, data, lam, c, plan, batch_mode)
+
+
+def _solves_between_programs(tvs: Any, data: Any, lam: Any, plan: LinearPlan) -> bool:
+    """Whether :func:`_group_bases_on_host` applies: an exact plan, the CPU's host LAPACK, concrete inputs on one
+    device."""
+    from catmerge_jax.linalg import accelerator_paths_enabled
+
+    if plan.solver != "eigh" or plan.strategy == "matrix_free" or accelerator_paths_enabled():
+        return False
+    if jax.default_backend() != "cpu" or not is_concrete((tvs, data, lam)):
+        return False
+    sharding = getattr(tvs, "sharding", None)
+    return sharding is None or len(sharding.device_set) == 1
+
+
+def _group_bases_on_host(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: LinearPlan,
+                         batch_mode: str = "auto"):
+    """:func:`_group_bases` for an exact plan with the host LAPACK solve outside the compiled program (same
+    operands, same :mod:`catmerge_jax.hostlapack` calls, same outputs)."""
+    from catmerge_jax import hostlapack
+
+    *operands, bound = (np.asarray(x) for x in _exact_operands_program(tvs, data, lam, c=c, plan=plan,
+                                                                        batch_mode=batch_mode))
+    if len(operands) == 2:  # factored: Zᵀ diag(d) Z
+        z, d = operands
+        operands, solve, core, k = [z, d.astype(z.dtype)], hostlapack.factored_one, (2, 1), min(c + 1, *z.shape[-2:])
+    else:
+        solve, core, k = hostlapack.symmetric_largest, (2,), min(c + 1, operands[0].shape[-1])
+    first = operands[0]
+    lead, n = first.shape[:first.ndim - core[0]], first.shape[-1]
+    flat = [a.reshape((-1,) + a.shape[a.ndim - nd:]) for a, nd in zip(operands, core)]
+    values, vectors, scale = hostlapack.each_problem(solve, k, n, lead, first.dtype, *flat)
+    if values.shape[-1] > c:
+        floor = GAP_FLOOR * np.finfo(values.dtype).eps * scale
+        unresolved = (values[..., c - 1] > floor) & (values[..., c - 1] - values[..., c] <= floor)
+    else:
+        unresolved = np.zeros(lead, bool)
+    # device_put, not jnp.asarray: the latter compiles a small program per shape for NumPy input
+    return jax.device_put((np.ascontiguousarray(vectors[..., :c]), np.ascontiguousarray(values[..., :c]),
+                           np.ones(lead, bool), unresolved, bound))
 
 
 def _conflict_one(t: jax.Array, d: jax.Array, k: jax.Array, lam: Any, form: str) -> jax.Array:
@@ -509,8 +577,9 @@ def linear_group_bases(tvs: jax.Array, data: jax.Array, *, lam: float, c: int, p
     """
     if c == 0:
         return jnp.zeros(tvs.shape[:2] + (tvs.shape[-1], 0), tvs.dtype)
-    bases, values, converged, unresolved, bound = _group_bases(tvs, data, lam, c=c, plan=plan,
-                                                               batch_mode=batch_mode, min_gap=min_gap)
+    solve = _group_bases_on_host if _solves_between_programs(tvs, data, lam, plan) else functools.partial(
+        _group_bases, min_gap=min_gap)
+    bases, values, converged, unresolved, bound = solve(tvs, data, lam, c=c, plan=plan, batch_mode=batch_mode)
     real = tvs.shape[0] if valid_layers is None else valid_layers
     if counts is not None and is_concrete(unresolved):
         counts.setdefault("unresolved", []).extend(

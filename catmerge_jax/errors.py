@@ -25,3 +25,8 @@ class MissingStatisticsError(CatMergeError):
 
 class HyperparameterError(CatMergeError):
     """A hyperparameter is out of range (c < 0, c larger than the dimension, K < 1, ...)."""
+
+
+class RoleConflictError(CatMergeError):
+    """A leaf's role is declared twice, differently: an explicit ``roles=`` against the spec its model declares, or
+    two declarations (params, statistics) against each other."""

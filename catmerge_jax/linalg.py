@@ -30,8 +30,10 @@ and refusing them sent over half of a ViT-B/32 block's solves back to eigh.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, NamedTuple
+import os
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,97 @@ import numpy as np
 from catmerge_jax import hostlapack
 
 __all__ = ["top_eigenvectors", "eigh_top", "eigh_largest", "factored_largest", "host_call", "block_krylov_top",
-           "KrylovResult", "KrylovConfig", "krylov_config", "map_batch", "eigh_flops", "krylov_flops", "choose_solver"]
+           "KrylovResult", "KrylovConfig", "krylov_config", "map_batch", "eigh_flops", "krylov_flops", "choose_solver",
+           "accelerator_paths", "accelerator_paths_enabled", "FORCE_ACCELERATOR_ENV"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Which branch of each CPU/accelerator choice runs: the platform's, or (for tests on CPU) the accelerator's.
+# ------------------------------------------------------------------------------------------------------------
+
+FORCE_ACCELERATOR_ENV = "CATMERGE_FORCE_ACCELERATOR_PATH"
+"""Environment variable read once, at import: ``1`` makes :func:`accelerator_paths` the process's default."""
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _flag_from_env(value: str | None) -> bool:
+    """``CATMERGE_FORCE_ACCELERATOR_PATH``'s value as a bool (unset: False)."""
+    text = (value or "").strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    from catmerge_jax.errors import HyperparameterError
+
+    raise HyperparameterError(f"{FORCE_ACCELERATOR_ENV}={value!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+
+
+class _ClearingFlag:
+    """For JAX releases without ``jax.make_user_context``: a process-wide value whose every change clears JAX's
+    caches, so no program traced under one value is reused under the other (slower, equally correct)."""
+
+    def __init__(self, value: bool):
+        self.value = value
+
+    @contextlib.contextmanager
+    def __call__(self, value: bool) -> Iterator[None]:
+        old, self.value = self.value, value
+        if value != old:
+            jax.clear_caches()
+        try:
+            yield
+        finally:
+            changed, self.value = self.value != old, old
+            if changed:
+                jax.clear_caches()
+
+
+def _switch(default: bool):
+    # A user context is part of every jit cache key and trace context: a program compiled with the CPU branches is
+    # never reused where the accelerator branches were asked for (the choice is made in Python, at trace time).
+    make = getattr(jax, "make_user_context", None)
+    return make(default_value=default) if make is not None else _ClearingFlag(default)
+
+
+_ACCELERATOR_PATHS = _switch(_flag_from_env(os.environ.get(FORCE_ACCELERATOR_ENV)))
+
+
+def accelerator_paths_enabled() -> bool:
+    """Whether :func:`accelerator_paths` is in force here (in this thread, or process-wide by the environment)."""
+    return bool(_ACCELERATOR_PATHS.value)
+
+
+@contextlib.contextmanager
+def accelerator_paths(enabled: bool = True) -> Iterator[None]:
+    """Run the GPU/TPU branches of the solvers on whatever backend this is: a switch for testing them on CPU.
+
+    The library picks a branch by platform in three places: :func:`eigh_largest` (LAPACK's selected-eigenpair route
+    on the host vs a traced full ``eigh``), :func:`factored_largest` (one host call vs JAX's QR and ``eigh``) and
+    :func:`map_batch`'s ``"auto"`` mode (``lax.map`` vs ``vmap``). Inside this context every one takes the
+    accelerator's branch, so CI runs on a CPU the code a GPU or TPU user runs (``enabled=False`` gives the platform's
+    branches back, e.g. for a stretch of code where ``CATMERGE_FORCE_ACCELERATOR_PATH=1`` made the accelerator's the
+    default). The setting is thread-local and part of JAX's jit cache key: functions jitted before are traced again,
+    never reused with the other branches. Results agree with the CPU branches to rounding; it is slower on CPU and
+    runs jaxlib's batched CPU LAPACK kernels, which the CPU branches avoid (see :func:`unbatched`). See
+    docs/accelerators.md.
+
+    >>> import jax.numpy as jnp
+    >>> with accelerator_paths():
+    ...     values, _, _ = eigh_largest(jnp.diag(jnp.array([1.0, -4.0, 2.0])), 1)
+    ...     accelerator_paths_enabled()
+    True
+    >>> values.tolist(), accelerator_paths_enabled()
+    ([2.0], False)
+    """
+    with _ACCELERATOR_PATHS(bool(enabled)):
+        yield
+
+
+def _by_platform(cpu: Callable, accelerator: Callable, *operands):
+    """``lax.platform_dependent`` between a CPU and an accelerator implementation, or the accelerator's alone
+    under :func:`accelerator_paths`."""
+    if accelerator_paths_enabled():
+        return accelerator(*operands)
+    return jax.lax.platform_dependent(*operands, cpu=cpu, default=accelerator)
 
 
 class KrylovConfig(NamedTuple):
@@ -109,8 +201,8 @@ def unbatched(fn: Callable, x: jax.Array, core_dims: int = 2):
     split a batch over XLA:CPU's thread pool and wait for the pieces inside a pool thread, and on a 2-core machine
     two such calls in flight deadlock it (gdb: both pool threads in ``ParallelBatchMap`` → ``BlockingCounter::Wait``).
     The loop is as fast on CPU (measured: 72 eighs of 291 × 291, 0.60 s in a loop vs 0.57 s batched; 72 QRs of
-    384 × 291, 0.63 s vs 0.61 s). Accelerators get the batched call.
-    """
+    384 × 291, 0.63 s vs 0.61 s). Accelerators get the batched call (and so does the CPU under
+    :func:`accelerator_paths`)."""
     lead = x.shape[:x.ndim - core_dims]
     if not lead:
         return fn(x)
@@ -194,7 +286,7 @@ def _largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array
     def on_cpu(m):
         return _host_solve(hostlapack.symmetric_largest, k, m.shape[-1], (2,), m)
 
-    return jax.lax.platform_dependent(matrix, cpu=on_cpu, default=lambda m: _full_largest(m, k))
+    return _by_platform(on_cpu, lambda m: _full_largest(m, k), matrix)
 
 
 @_largest.defjvp
@@ -208,7 +300,7 @@ def eigh_largest(matrix: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.A
 
     On CPU, LAPACK's selected-eigenpair route on the host (:func:`catmerge_jax.hostlapack.lower_largest`: one
     tridiagonalisation, then only k vectors; measured 3× faster than a full ``eigh`` at n = 384 and 1536; the
-    matrices of a batch spread over the cores); on GPU/TPU a full ``eigh``
+    matrices of a batch spread over the cores); on GPU/TPU, and under :func:`accelerator_paths`, a full ``eigh``
     (``lax.platform_dependent`` picks by the platform the computation is compiled for). Works under ``jit`` and
     ``vmap``; its derivative is that of a full ``eigh``.
 
@@ -264,8 +356,8 @@ def factored_largest(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Arra
     much again as the factorization. With ``m ≥ n`` there is nothing to gain from a QR and ``G`` itself is solved;
     on CPU it is built inside the same host call by one symmetric rank-update per sign of ``w`` (BLAS ``syrk``, half
     the flops of a product; rows of weight 0 are skipped), into the one triangle LAPACK reads. Accelerators run the
-    same steps with JAX's QR (or ``G``) and a full ``eigh``. The result carries no derivative (use it on constants,
-    or under ``jax.lax.stop_gradient``).
+    same steps with JAX's QR (or ``G``) and a full ``eigh`` (as does the CPU under :func:`accelerator_paths`). The
+    result carries no derivative (use it on constants, or under ``jax.lax.stop_gradient``).
 
     Returns:
       ``(values (..., k) decreasing, vectors (..., n, k) orthonormal, scale (...) = ‖G‖₂, the largest
@@ -287,7 +379,7 @@ def factored_largest(z: jax.Array, weights: jax.Array, k: int) -> tuple[jax.Arra
     def on_cpu(z, weights):
         return _host_solve(hostlapack.factored_one, k, n, (2, 1), z, weights)
 
-    return jax.lax.platform_dependent(z, weights, cpu=on_cpu, default=lambda a, b: _factored_jax(a, b, k))
+    return _by_platform(on_cpu, lambda a, b: _factored_jax(a, b, k), z, weights)
 
 
 class KrylovResult(NamedTuple):
@@ -427,13 +519,14 @@ def block_krylov_top(matrix_or_matvec, c: int, *, n: int | None = None, config: 
 
 
 def map_batch(fn: Callable, xs, *, mode: str = "auto"):
-    """``fn`` over the leading axis of ``xs``: ``jax.vmap`` on accelerators, ``lax.map`` on CPU.
+    """``fn`` over the leading axis of ``xs``: ``jax.vmap`` on accelerators (and under :func:`accelerator_paths`),
+    ``lax.map`` on CPU.
 
     XLA:CPU runs batched small dots/eighs inside loops far slower than the same ops unbatched in a
     sequential loop (measured ~10× for 16 Krylov solves of 512 × 512); GPUs/TPUs want the batch.
     """
     if mode == "auto":
-        mode = "map" if jax.default_backend() == "cpu" else "vmap"
+        mode = "map" if jax.default_backend() == "cpu" and not accelerator_paths_enabled() else "vmap"
     if mode == "vmap":
         return jax.vmap(fn)(xs)
     if mode == "map":

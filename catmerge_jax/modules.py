@@ -8,6 +8,7 @@ input                       ``params`` (what is merged)                         
 ==========================  ==================================================  ================================
 ``nnx.Module``              ``nnx.state(obj, nnx.Param)``                       ``nnx.merge(graphdef, p, rest)``
 ``equinox.Module``          ``eqx.filter(obj, eqx.is_inexact_array)``           ``eqx.combine(p, static part)``
+``ParamsWithRoles``         the plain dict (roles: the specs it carries)        ``ParamsWithRoles(p, roles)``
 anything else               the object itself (linen dicts, ``nnx.State``, ...) ``p``
 ==========================  ==================================================  ================================
 
@@ -52,7 +53,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from catmerge_jax.roles import LeafSpec, Role, with_stacking
+from catmerge_jax.roles import LeafSpec, ParamsWithRoles, Role, with_stacking
 from catmerge_jax.tree import PyTree
 
 
@@ -272,6 +273,8 @@ def split_params(obj: Any) -> ModuleParams:
         return _split_nnx(obj)
     if is_eqx_module(obj):
         return _split_eqx(obj)
+    if isinstance(obj, ParamsWithRoles):  # params that carry their model's declared specs; merged, they still do
+        return ModuleParams(dict(obj), obj.roles, lambda p: ParamsWithRoles(p, obj.roles))
     return ModuleParams(obj, None, _identity)
 
 
@@ -289,11 +292,11 @@ def stacked_spec(spec: LeafSpec, stats_leaf: Any, shape: tuple[int, ...] | None 
     unstacked rank (:func:`catmerge_jax.roles.with_stacking`).
 
     >>> import numpy as np
-    >>> from catmerge_jax.roles import LeafSpec, Role, with_stacking
+    >>> from catmerge_jax.roles import LeafSpec, ParamsWithRoles, Role, with_stacking
     >>> from catmerge_jax.stats import LeafStats
     >>> s = LeafStats(count=np.ones(4, np.float32), gram=np.zeros((4, 8, 8), np.float32))
     >>> stacked_spec(LeafSpec(Role.LINEAR, in_axes=2), s, (4, 8, 16))
-    LeafSpec(role=<Role.LINEAR: 'linear'>, in_axes=1, stack_axes=1, out_first=False, out_blocks=1)
+    LeafSpec(role=<Role.LINEAR: 'linear'>, in_axes=1, stack_axes=1, out_first=False, out_blocks=1, axes=None)
     """
     count = getattr(stats_leaf, "count", None)
     s = int(np.ndim(count)) if count is not None else 0

@@ -10,6 +10,10 @@ Each params leaf gets one :class:`LeafStats`:
 Statistics are sums, so batches stream through :func:`stats_add` (or :func:`accumulate`) and any number of
 exemplars fits in memory. Leaves a forward pass never touched hold ``LeafStats(count=0)``.
 
+Statistics captured from a model also carry the spec the model *declares* for a leaf (``LeafStats.spec``, static
+pytree data: see :mod:`catmerge_jax.roles`), so a merge that reads them trims each leaf as its model computes it
+without the caller passing ``roles=``; :func:`save_stats` / :func:`load_stats` keep them.
+
 >>> import numpy as np
 >>> import catmerge_jax as cm
 >>> params = {"dense": {"kernel": np.zeros((3, 2)), "bias": np.zeros(2)}}
@@ -23,6 +27,7 @@ exemplars fits in memory. Leaves a forward pass never touched hold ``LeafStats(c
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Iterable, Mapping
 
@@ -31,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from catmerge_jax.atomic import atomic_file
-from catmerge_jax.errors import MissingStatisticsError
+from catmerge_jax.errors import MissingStatisticsError, RoleConflictError
+from catmerge_jax.roles import LeafSpec, Role, describe, spec_from_dict, spec_to_dict
 from catmerge_jax.tree import PyTree, check_finite, leaves_with_paths, map_with_path
 
 
@@ -45,6 +51,9 @@ class LeafStats:
       gram: ``(in, in)`` — ``Σ xᵀx`` over rows (linear kernels, Gram form).
       rows: ``(n, in)`` — the rows themselves (linear kernels, row form; zero rows are harmless padding).
       sq_sum: ``(d,)`` — per-dimension sum of squares of the normalized input (norm scales).
+      spec: the :class:`~catmerge_jax.roles.LeafSpec` the model declares for this leaf (``None``: it declares
+        nothing and the path defaults apply). Static pytree data: ``jit``, ``vmap`` and ``jax.tree.map`` keep it,
+        and it is no array leaf.
 
     A leaf that stacks ``L`` independent layers (``nn.scan``, ``nnx.vmap``; ``LeafSpec.stack_axes``) has per-layer
     statistics with the stack axes leading: ``count (L,)``, ``gram (L, in, in)``, ``rows (L, n, in)``,
@@ -55,6 +64,11 @@ class LeafStats:
     gram: Any = None
     rows: Any = None
     sq_sum: Any = None
+    spec: LeafSpec | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def arrays(self) -> dict[str, Any]:
+        """``{field: value}`` of the array fields that are set (``count``, ``gram``, ``rows``, ``sq_sum``)."""
+        return {f: getattr(self, f) for f in _ARRAY_FIELDS if getattr(self, f) is not None}
 
     @property
     def has_linear(self) -> bool:
@@ -75,6 +89,9 @@ class LeafStats:
             return self
         rows = np.asarray(self.rows, np.float64)
         return dataclasses.replace(self, gram=(np.swapaxes(rows, -1, -2) @ rows).astype(np.float32), rows=None)
+
+
+_ARRAY_FIELDS = ("count", "gram", "rows", "sq_sum")
 
 
 def count_stats(n: float) -> LeafStats:
@@ -133,8 +150,16 @@ def stats_from_arrays(params: PyTree, by_path: Mapping[str, LeafStats]) -> PyTre
     return map_with_path(lambda p, _: by_path.get(p, count_stats(0)), params)
 
 
+def _sum_spec(a: LeafStats, b: LeafStats) -> LeafSpec | None:
+    if a.spec is not None and b.spec is not None and a.spec != b.spec:
+        raise RoleConflictError(f"adding statistics declared {describe(a.spec)} to ones declared {describe(b.spec)}: "
+                                "they come from different model layouts")
+    return a.spec if a.spec is not None else b.spec
+
+
 def _add_leaf(a: LeafStats, b: LeafStats) -> LeafStats:
     """Union of two batches; stacked statistics (leading layer axes) add layer by layer."""
+    spec = _sum_spec(a, b)
     count = (np.asarray(a.count if a.count is not None else 0, np.float64)
              + np.asarray(b.count if b.count is not None else 0, np.float64))
     count = np.float32(count) if count.ndim == 0 else count.astype(np.float32)
@@ -149,7 +174,7 @@ def _add_leaf(a: LeafStats, b: LeafStats) -> LeafStats:
                 gram, rows = (np.swapaxes(rows64, -1, -2) @ rows64).astype(np.float32), None
         else:
             gram = sum(np.asarray(s.gram_matrix()) for s in (a, b) if s.has_linear)
-    return LeafStats(count=count, gram=gram, rows=rows, sq_sum=sq_sum)
+    return LeafStats(count=count, gram=gram, rows=rows, sq_sum=sq_sum, spec=spec)
 
 
 def stats_add(a: PyTree, b: PyTree) -> PyTree:
@@ -169,27 +194,55 @@ def accumulate(batches: Iterable[PyTree]) -> PyTree:
 
 def check_stats(stats: PyTree, *, what: str = "stats") -> None:
     """Raise if any statistic holds NaN/Inf (naming the leaf)."""
-    arrays = jax.tree.map(lambda s: {k: v for k, v in dataclasses.asdict(s).items() if v is not None},
-                          stats, is_leaf=is_leaf_stats)
+    arrays = jax.tree.map(lambda s: s.arrays(), stats, is_leaf=is_leaf_stats)
     check_finite(arrays, what=what)
 
 
 def save_stats(path: str | os.PathLike, stats: PyTree) -> None:
-    """Write a stats tree to an ``.npz`` (atomically: temporary file, then rename). Keys are ``leaf-path|field``."""
+    """Write a stats tree to an ``.npz`` (atomically: temporary file, then rename). Keys are ``leaf-path|field``;
+    a declared spec is a JSON string under ``leaf-path|spec``."""
     flat: dict[str, np.ndarray] = {}
     for p, leaf in leaves_with_paths(stats, is_leaf=is_leaf_stats):
-        for field, value in dataclasses.asdict(leaf).items():
-            if value is not None:
-                flat[f"{p}|{field}"] = np.asarray(value)
+        for field, value in leaf.arrays().items():
+            flat[f"{p}|{field}"] = np.asarray(value)
+        if leaf.spec is not None:
+            flat[f"{p}|spec"] = np.asarray(json.dumps(spec_to_dict(leaf.spec)))
     with atomic_file(path, "wb") as f:
         np.savez(f, **flat)
 
 
 def load_stats(path: str | os.PathLike, params: PyTree) -> PyTree:
     """Read a stats tree written by :func:`save_stats`, shaped like ``params``."""
-    by_path: dict[str, dict[str, np.ndarray]] = {}
+    by_path: dict[str, dict[str, Any]] = {}
     with np.load(os.fspath(path)) as data:
         for key in data.files:
             p, field = key.rsplit("|", 1)
-            by_path.setdefault(p, {})[field] = data[key]
+            value = data[key]
+            by_path.setdefault(p, {})[field] = spec_from_dict(json.loads(str(value))) if field == "spec" else value
     return stats_from_arrays(params, {p: LeafStats(**fields) for p, fields in by_path.items()})
+
+
+def stats_specs(stats: PyTree) -> dict[str, LeafSpec]:
+    """``{leaf path: LeafSpec}`` of the specs a stats tree carries (leaves whose model declares one)."""
+    return {p: s.spec for p, s in leaves_with_paths(stats, is_leaf=is_leaf_stats) if s.spec is not None}
+
+
+def stats_declarations(stats: Any) -> list[tuple[str, dict[str, LeafSpec]]]:
+    """``[("stats[k]", {leaf path: LeafSpec})]`` for K stats trees (``[]`` for ``None``), ready for
+    :func:`catmerge_jax.roles.union_declared`, which checks that they agree leaf by leaf."""
+    if not isinstance(stats, (list, tuple)):
+        return []
+    return [(f"stats[{k}]", stats_specs(s)) for k, s in enumerate(stats)]
+
+
+def with_specs(stats: PyTree, specs: Mapping[str, LeafSpec]) -> PyTree:
+    """``stats`` with ``specs`` (``{leaf path: LeafSpec}``) stored on the named leaves (others unchanged).
+
+    >>> s = with_specs({"qkv": {"kernel": count_stats(3)}}, {"qkv/kernel": LeafSpec(Role.LINEAR, out_blocks=3)})
+    >>> stats_specs(s)["qkv/kernel"].out_blocks
+    3
+    """
+    if not specs:
+        return stats
+    return map_with_path(lambda p, s: dataclasses.replace(s, spec=specs[p]) if p in specs else s, stats,
+                         is_leaf=is_leaf_stats)

@@ -43,11 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax import cat
+from catmerge_jax import atomic, cat
 from catmerge_jax.cat import linear_group_apply
 from catmerge_jax.conflict import linear_group_bases, plan_linear
 from catmerge_jax.errors import MissingStatisticsError, TreeMismatchError
-from catmerge_jax.roles import Overrides, Role, classify
+from catmerge_jax.roles import Overrides, Role, classify, union_declared
 from catmerge_jax.stats import LeafStats, is_leaf_stats
 from catmerge_jax.tree import PyTree, leaves_with_paths
 from converters.safetensors_io import DTYPES, INDEX_NAME, dtype_name, list_tensors, load_tensor
@@ -80,21 +80,36 @@ class ShardWriter:
     ``entries`` = ``[(name, safetensors dtype name, shape)]`` in write order fixes every shard header up front;
     then :meth:`write` each tensor in that order and :meth:`close` (which adds the index for > 1 shard).
     Callers wanting atomicity write into a temporary folder and rename it (as :func:`merge_safetensors` does).
+    ``shard_files`` (``{name: file name}``, entries of one file listed together) keeps a given layout, e.g. the
+    base checkpoint's shards, instead of splitting by ``max_shard_bytes``; ``metadata`` is every shard's
+    ``__metadata__`` (default ``{"format": "pt"}``).
     """
 
-    def __init__(self, folder: str, entries: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int):
+    def __init__(self, folder: str, entries: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int = 2 << 30,
+                 *, shard_files: Mapping[str, str] | None = None, metadata: Mapping[str, str] | None = None):
         self.folder = folder
+        self.metadata = dict(metadata) if metadata else {"format": "pt"}
         shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
         size = 0
+        files: list[str] = []
         for name, dtype, shape in entries:
             nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
-            if shards[-1] and size + nbytes > max_shard_bytes:
+            if shard_files is not None:
+                if not files or shard_files[name] != files[-1]:
+                    if shard_files[name] in files:
+                        raise ValueError(f"shard {shard_files[name]}: its entries are not listed together")
+                    files.append(shard_files[name])
+                    if shards[-1]:
+                        shards.append([])
+            elif shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
                 size = 0
             shards[-1].append((name, dtype, shape, nbytes))
             size += nbytes
         n = len(shards)
-        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        if shard_files is None:
+            files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = files
         self.shards = shards
         self.file_of = {e[0]: f for f, s in zip(self.files, shards) for e in s}
         self.expected = {e[0]: (e[1], e[2]) for s in shards for e in s}
@@ -105,7 +120,7 @@ class ShardWriter:
     def _start(self, index: int) -> None:
         if self._open is not None:
             self._open.close()
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        header: dict[str, Any] = {"__metadata__": self.metadata}
         offset = 0
         for name, dtype, shape, nbytes in self.shards[index]:
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
@@ -190,7 +205,11 @@ def merge_safetensors(base: str, tasks: Sequence[str], stats: Sequence[PyTree] |
             raise MissingStatisticsError(f"statistics of '{path}' cover {len(values)} task(s), expected {len(tasks)}")
     names = list(base_info)
     paths = {name: name.replace(sep, "/") if sep != "/" else name for name in names}
-    specs = classify({paths[n]: _ShapeOnly(base_info[n].shape) for n in names}, roles)
+    # the specs the statistics carry (captured from a model that declares them) apply as in cat_merge
+    declared = union_declared((f"stats[{k}]", {p: v[k].spec for p, v in per_path.items()
+                                               if k < len(v) and getattr(v[k], "spec", None) is not None})
+                              for k in range(len(tasks)))
+    specs = classify({paths[n]: _ShapeOnly(base_info[n].shape) for n in names}, roles, declared=declared)
     table = cat.cat_trimmers(lam, c, scale_lam=scale_lam, scale_c=scale_c, shift_c=shift_c, shift_lam=shift_lam,
                              joint=joint, normalize_by_count=normalize_by_count,
                              scale_per_row_mean=scale_per_row_mean)
@@ -200,8 +219,12 @@ def merge_safetensors(base: str, tasks: Sequence[str], stats: Sequence[PyTree] |
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
+    tmp = None
     try:
+        # The package's temp-folder scheme (catmerge_jax.atomic): a killed run's folder is removed by the next run
+        # into the same parent, and publishing never leaves a half-replaced out_dir.
+        with atomic.deferred_signals():
+            tmp = atomic.make_temp_dir(parent, os.path.basename(out_dir))
         writer = ShardWriter(tmp, [(n, dtype_name(base_info[n].dtype), tuple(base_info[n].shape))
                                     for n in names], max_shard_bytes)
         iterator = names
@@ -223,11 +246,10 @@ def merge_safetensors(base: str, tasks: Sequence[str], stats: Sequence[PyTree] |
             writer.write(name, np.asarray(merged))
             del w0, w0c, tvs, trimmed, merged
         writer.close()
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        atomic.publish_dir(tmp, out_dir, overwrite=overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            atomic.remove_temp_dir(tmp)
         raise
 
 

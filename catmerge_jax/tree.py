@@ -78,10 +78,12 @@ def tree_scale(tree: PyTree, scalar: float | jax.Array) -> PyTree:
 
 
 def tree_zeros_like(tree: PyTree) -> PyTree:
+    """A tree of the same structure, shapes and dtypes, all zeros."""
     return jax.tree.map(jnp.zeros_like, tree)
 
 
 def tree_ones_like(tree: PyTree) -> PyTree:
+    """A tree of the same structure, shapes and dtypes, all ones."""
     return jax.tree.map(jnp.ones_like, tree)
 
 
@@ -223,7 +225,7 @@ def tree_paths(tree: PyTree) -> list[str]:
 def gather(x: jax.Array) -> jax.Array:
     """A sharded group result as one array on the default device (all processes' shards on multi-host)."""
     if x.is_fully_addressable:
-        return jnp.asarray(np.asarray(x))
+        return jax.device_put(np.asarray(x))  # not jnp.asarray: that compiles a program per shape for NumPy input
     from jax.experimental import multihost_utils
 
     return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -14,6 +14,12 @@ towers (and the task-vectors checkpoints) use QuickGELU, the default here.
 
 >>> from converters.open_clip import open_clip_to_flax   # doctest: +SKIP
 >>> config, params, meta = open_clip_to_flax(state_dict)  # doctest: +SKIP
+
+The layout's leaf roles (the fused ``in_proj`` holds three projections; the bare ``proj`` is linear) are declared by
+the model (``ClipVisionModel.param_roles()``): statistics captured from it carry them. For merges without
+statistics, ``open_clip_to_flax(state_dict, with_roles=True)`` returns the params as a
+:class:`~catmerge_jax.roles.ParamsWithRoles` (a ``dict`` that carries them), so every method reads them without
+``roles=`` (see ``docs/roles.md``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from converters.hf import ConversionError, ConversionMeta, flax_to_hf_state, hf_key, match_state, template_shapes
+from converters.keys import ConversionError, ConversionMeta, flax_to_hf_state, hf_key, match_state, template_shapes
 
 __all__ = ["infer_config", "open_clip_to_flax", "flax_to_open_clip", "split_prefix"]
 
@@ -78,10 +84,14 @@ def _key_fn(prefix: str):
 
 
 def open_clip_to_flax(state: Mapping[str, Any], *, config=None, act: str = "quick_gelu", heads: int | None = None,
-                      dtype=np.float32) -> tuple[Any, dict, ConversionMeta]:
+                      dtype=np.float32, with_roles: bool = False) -> tuple[Any, dict, ConversionMeta]:
     """open_clip state dict (key → array) → ``(config, params, meta)`` for ``ClipVisionModel(config,
     layout="open_clip", with_projection=config.output_dim is not None)``. ``meta`` writes it back with
-    :func:`flax_to_open_clip` (same keys, order, dtypes; text-side keys unchanged)."""
+    :func:`flax_to_open_clip` (same keys, order, dtypes; text-side keys unchanged).
+
+    ``with_roles=True``: ``params`` is a :class:`~catmerge_jax.roles.ParamsWithRoles` carrying the layout's
+    declared leaf specs (:func:`~catmerge_jax.models.clip_vit.open_clip_roles`), so merges without statistics
+    (TSV, Iso, WUDI, ...) trim the fused ``in_proj`` per q/k/v block and ``proj`` as a linear map by themselves."""
     from catmerge_jax.models.clip_vit import ClipVisionModel
     import jax.numpy as jnp
 
@@ -97,6 +107,10 @@ def open_clip_to_flax(state: Mapping[str, Any], *, config=None, act: str = "quic
                 "output_dim": config.output_dim, "act": config.act, "layer_norm_eps": config.layer_norm_eps,
                 "num_channels": config.num_channels},
         options={"layout": "open_clip", "with_projection": with_projection, "prefix": prefix})
+    if with_roles:
+        from catmerge_jax.roles import with_roles as _with_roles
+
+        params = _with_roles(params, model.param_roles())
     return config, params, meta
 
 

@@ -250,6 +250,9 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[st
 
 
 def _read_index(index: str) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, or a one-line :class:`SafetensorsError` saying what is wrong with it."""
+    if not os.path.isfile(index):
+        raise SafetensorsError(f"{index} is {_what_is(index)}; expected the JSON shard index file")
     try:
         with open(index, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
@@ -257,44 +260,73 @@ def _read_index(index: str) -> dict[str, str]:
         raise SafetensorsError(f"{index} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except (UnicodeDecodeError, RecursionError) as e:
         raise SafetensorsError(f"{index} is not valid JSON ({type(e).__name__})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    except OSError as e:
+        raise SafetensorsError(f"cannot read {index}: {e.strerror or e}") from None
+    expected = "expected an object of tensor name -> shard file name"
+    if not isinstance(data, dict):
+        raise SafetensorsError(f"{index} holds a JSON {_json_type(data)}; expected an object with a 'weight_map'")
+    if "weight_map" not in data:
+        raise SafetensorsError(f"{index} has no 'weight_map' ({expected})")
+    weight_map = data["weight_map"]
     if not isinstance(weight_map, dict):
-        raise SafetensorsError(f"{index}: missing 'weight_map' (a JSON object of tensor name -> shard file)")
-    bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v]
-    if bad:
-        raise SafetensorsError(f"{index}: weight_map entry {bad[0][0]!r} -> {bad[0][1]!r} is not a file name")
+        raise SafetensorsError(f"{index}: weight_map is a JSON {_json_type(weight_map)}; {expected}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise SafetensorsError(f"{index}: weight_map entry {name!r} -> {shard!r} is not a file name")
     return weight_map
 
 
-def _shard_path(folder: str, index: str, shard: str) -> str:
+def _json_type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null" if value is None else type(value).__name__)
+
+
+def _what_is(path: str) -> str:
+    """``"missing"``, ``"a folder"``, ... for a path that is not a regular file (symlinks followed)."""
+    if not os.path.lexists(path):
+        return "missing"
+    if not os.path.exists(path):
+        return "a broken symbolic link"
+    return "a folder" if os.path.isdir(path) else "not a regular file (a device, pipe or socket)"
+
+
+def _shard_path(folder: str, index: str, shard: str, entry: str | None = None, within: str | None = None) -> str:
     """The shard's path, refusing absolute paths, ``..`` and anything (symlinks included) resolving outside
-    ``folder``: an index may only name files of its own checkpoint."""
+    ``folder`` (or ``within``: a hub cache snapshot's files are links into its repository's ``blobs``), and anything
+    that is not a regular file there: an index may only name files of its own checkpoint.
+    ``entry``, the first tensor the index maps to ``shard``, is named in the message."""
+    what = f"{index}: weight_map entry {entry!r} names {shard!r}" if entry is not None else f"{index}: shard {shard!r}"
     parts = shard.replace("\\", "/").split("/")
     if os.path.isabs(shard) or shard.startswith(("/", "\\")) or ".." in parts or "\0" in shard:
-        raise SafetensorsError(f"{index}: shard {shard!r} is not a file name inside the folder")
+        raise SafetensorsError(f"{what}, which is not a file name inside the folder {folder}")
     path = os.path.join(folder, shard)
-    root = os.path.realpath(folder)
+    root = os.path.realpath(within or folder)
     if os.path.commonpath([root, os.path.realpath(path)]) != root:
-        raise SafetensorsError(f"{index}: shard {shard!r} resolves to {os.path.realpath(path)}, outside {root}")
+        raise SafetensorsError(f"{what}, which resolves to {os.path.realpath(path)}, outside {root}")
+    if not os.path.isfile(path):
+        kind = _what_is(path)
+        kind = f"missing from {folder}" if kind == "missing" else kind
+        raise SafetensorsError(f"{what}, which is {kind}; each entry must name a .safetensors file in the folder")
     return path
 
 
-def list_tensors(folder: str) -> dict[str, TensorInfo]:
+def list_tensors(folder: str, *, within: str | None = None) -> dict[str, TensorInfo]:
     """``{name: TensorInfo(file, dtype, shape)}`` for a checkpoint folder (or a single ``.safetensors`` file).
 
     A folder with ``model.safetensors.index.json`` is read through its ``weight_map`` (every listed shard must
-    exist and hold the tensors it claims); otherwise ``model.safetensors`` or, failing that, the folder's only
-    ``*.safetensors`` file is used.
+    exist and hold the tensors it claims, and resolve inside ``folder``, or inside ``within`` when given);
+    otherwise ``model.safetensors`` or, failing that, the folder's only ``*.safetensors`` file is used.
     """
     if os.path.isfile(folder):
         files = [folder]
         claimed = None
     else:
         index = os.path.join(folder, INDEX_NAME)
-        if os.path.exists(index):
+        if os.path.lexists(index):
             weight_map = _read_index(index)
             claimed = weight_map
-            files = [_shard_path(folder, index, s) for s in dict.fromkeys(weight_map.values())]
+            first_entry = {shard: name for name, shard in reversed(weight_map.items())}
+            files = [_shard_path(folder, index, s, first_entry[s], within) for s in dict.fromkeys(weight_map.values())]
         else:
             claimed = None
             single = os.path.join(folder, "model.safetensors")
@@ -306,8 +338,8 @@ def list_tensors(folder: str) -> dict[str, TensorInfo]:
             files = cands
     out: dict[str, TensorInfo] = {}
     for file in files:
-        if not os.path.exists(file):
-            raise SafetensorsError(f"{folder}: shard {os.path.basename(file)} listed in {INDEX_NAME} is missing")
+        if not os.path.isfile(file):
+            raise SafetensorsError(f"{file} is {_what_is(file)}; expected a safetensors file")
         for name, entry in read_header(file).items():
             if name in out:
                 raise SafetensorsError(f"tensor {name!r} appears in both {out[name].file} and {file}")

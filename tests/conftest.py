@@ -7,6 +7,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CLI turns on JAX's persistent compilation cache for its whole process; tests call cli.main in-process, so a
+# worker would otherwise keep writing every later test's programs into the user's cache folder. Tests of the cache
+# itself set this variable explicitly (tests/test_startup.py).
+os.environ.setdefault("CATMERGE_COMPILATION_CACHE", "0")
+# The CLI turns JAX's persistent compilation cache on in the user's cache folder; tests must not write there
+# (tests/test_startup.py turns it on explicitly, in temporary folders).
+os.environ.setdefault("CATMERGE_COMPILATION_CACHE", "0")
 # Single-threaded Eigen (XLA:CPU's matmuls): two xdist workers already fill the 2 CI cores, and it is the cure
 # PyAutoFit#1528 found for a similar pool wedge. Alone it did not stop ours (below). Set before jax starts its
 # backend; subprocesses started by tests inherit it.
@@ -32,6 +39,18 @@ import pytest
 os.environ.setdefault("JAX_CPU_ENABLE_ASYNC_DISPATCH", "false")
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
+# Hypothesis draws fresh examples on every run unless derandomized, so a property test could fail on one CI run and
+# pass on the next. Derandomized, every run tries the same examples (seeded by each test's name) and stores none;
+# HYPOTHESIS_PROFILE=explore draws fresh ones, for looking for new counterexamples by hand.
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    pass
+else:
+    _hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+    _hypothesis_settings.register_profile("explore", derandomize=False)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 @contextlib.contextmanager
 def _config(name: str, value):
@@ -55,6 +74,17 @@ def strict_numerics():
     """Like equinox's test setup: no implicit dtype or rank promotion, so silent upcasts/broadcasts fail loudly."""
     with _config("jax_numpy_dtype_promotion", "strict"), _config("jax_numpy_rank_promotion", "raise"):
         yield
+
+
+@pytest.fixture(params=["platform", "accelerator"])
+def solver_paths(request):
+    """Runs the test twice: with the solvers' branches for this platform (CPU: host LAPACK, ``lax.map``), and with the
+    GPU/TPU branches forced on it (:func:`catmerge_jax.linalg.accelerator_paths`; docs/accelerators.md). A test
+    restricts it with ``@pytest.mark.parametrize("solver_paths", [...], indirect=True)``."""
+    from catmerge_jax.linalg import accelerator_paths
+
+    with accelerator_paths(request.param == "accelerator"):
+        yield request.param
 
 
 def pytest_configure(config):

@@ -65,7 +65,7 @@ def _assert_well_posed(w0, fts, stats, lam, c):
 
 
 @pytest.mark.parametrize("joint", [False, True])
-def test_eigh_path_equals_float64_reference(joint):
+def test_eigh_path_equals_float64_reference(solver_paths, joint):
     w0, fts, st = _problem()
     _assert_well_posed(w0, fts, st, 2.0, 2)
     want = tr.reference_cat_merge(w0, fts, st, alpha=0.4, lam=2.0, c=2, joint=joint)
@@ -78,7 +78,7 @@ def test_eigh_path_equals_float64_reference(joint):
     assert ta > 0.05
 
 
-def test_low_rank_strategy_is_exact():
+def test_low_rank_strategy_is_exact(solver_paths):
     """rows=10, K=3, c=2: 2(K-1)·10 + 2 = 42 < 80, so the 24→80 layers take the exact low-rank path: their bases
     span the float64 eigh subspace of the full G_k, and the merge equals the float64 reference."""
     w0, fts, st = _problem()
@@ -104,7 +104,7 @@ def test_low_rank_strategy_is_exact():
     assert tr.compare(cm.cat_merge(w0, fts, st, alpha=0.4, lam=2.0, c=2, fast=True), want, w0)[1] < 2e-4
 
 
-def test_matrix_free_and_gram_forms_equal_float64_reference():
+def test_matrix_free_and_gram_forms_equal_float64_reference(solver_paths):
     w0, fts, st = _problem()
     want = tr.reference_cat_merge(w0, fts, st, alpha=0.4, lam=2.0, c=2)
     timings = {}
@@ -189,8 +189,14 @@ def test_krylov_space_much_smaller_than_out_is_accepted_by_the_residual_test():
         np.testing.assert_allclose(got @ got.T, want @ want.T, atol=1e-4, err_msg=f"task {k}")
 
 
-@pytest.mark.parametrize("form", ["gram", "rows"])
-def test_eigh_fallback_runs_exactly_for_unresolvable_gaps(monkeypatch, form):
+# the accelerator branches (the matrix-free Krylov solves vmapped over layers and tasks, the traced eigh fallback)
+# with the rows form only: the Gram form's vmapped Krylov on 384² matrices costs 9 s of CPU on top, for the same
+# map_batch and eigh_largest calls
+FALLBACK_CASES = [("gram", "platform"), ("rows", "platform"), ("rows", "accelerator")]
+
+
+@pytest.mark.parametrize("form,solver_paths", FALLBACK_CASES, indirect=["solver_paths"])
+def test_eigh_fallback_runs_exactly_for_unresolvable_gaps(monkeypatch, form, solver_paths):
     """An exact tie θ_c = θ_{c+1} cannot be resolved: the Krylov solve must be rejected and re-solved by the
     host-side eigh fallback for exactly those (layer, task) pairs; the others keep the Krylov bases, equal to
     float64 eigh's subspace. In a tie every solver returns some c-subspace between the top c − 1 and the top

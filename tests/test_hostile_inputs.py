@@ -676,9 +676,14 @@ def test_stale_temporary_folders_are_cleared(env, capsys, tmp_path):
     elsewhere = plant(atomic.TEMP_PREFIX + "out-elsewhere", {"tool": "catmerge", "pid": _dead_pid(), "start": None,
                                                              "host": host + "-other"})
     other_name = plant(".tmp-out-dead", {"tool": "catmerge", "pid": _dead_pid(), "start": None, "host": host})
+    # Issue 23: today's scheme keeps the marker BESIDE the folder (killed with the whole model written).
+    beside = plant(atomic.TEMP_PREFIX + "out-beside", None)
+    (tmp_path / (beside.name + atomic.MARKER)).write_text(json.dumps({"tool": "catmerge", "pid": _dead_pid(),
+                                                                      "start": None, "host": host}))
     rc, _, err = _run(capsys, _merge(env, tmp_path / "out"))
     assert rc == 0, err
     assert not dead.exists()
+    assert not beside.exists() and not (tmp_path / (beside.name + atomic.MARKER)).exists()
     assert not reused.exists() or atomic._start_time(os.getpid()) is None  # start times need /proc
     assert unmarked.exists() and live.exists() and elsewhere.exists() and other_name.exists()
     assert (tmp_path / "out" / "model.safetensors").exists()
@@ -741,3 +746,108 @@ def test_a_sigterm_swallowed_inside_a_gc_callback_still_stops_the_run():
         gc.callbacks.remove(callback)
     assert fired and signal.getsignal(signal.SIGTERM) is not cli._on_sigterm   # handler and hook restored
     assert sys.unraisablehook is not None and "redeliver" not in getattr(sys.unraisablehook, "__qualname__", "")
+
+
+# ---------------------------------------------------------------------------------------------- issue 23: fuzzed CLI
+
+def _with_config(env, tmp_path, name, **changes):
+    """A copy of the base folder whose config.json has ``changes`` (``None`` values written as JSON null)."""
+    folder = tmp_path / name
+    shutil.copytree(env["base"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("field, value, shown, expected", [
+    ("hidden_size", "16", '"16" (a string)', "a positive integer"),     # before: "not all arguments converted ..."
+    ("hidden_size", [16], "[16] (a list)", "a positive integer"),
+    ("num_attention_heads", None, "null", "a positive integer"),       # before: a shape mismatch against 768
+    ("intermediate_size", -4, "-4", "a positive integer"),             # before: a JAX broadcasting error
+    ("vocab_size", True, "true (a boolean)", "a positive integer"),    # before: a shape mismatch against 1
+    ("num_hidden_layers", 2.0, "2.0", "a non-negative integer"),
+    ("layer_norm_eps", "1e-12", '"1e-12" (a string)', "a positive number"),  # before: a tracer + str TypeError
+    ("hidden_act", {}, "{} (an object)", "a string"),
+    ("pad_token_id", -1, "-1", "a non-negative integer or null"),
+])
+def test_config_fields_of_the_wrong_type_are_named(env, capsys, tmp_path, field, value, shown, expected):
+    """Issue 23: every config.json field the loaders read is checked before a model is built; the one-line error
+    names the file, the field, what it holds and what was expected."""
+    folder = _with_config(env, tmp_path, "bad", **{field: value})
+    rc, _, err = _run(capsys, ["roles", "--base", folder])
+    _one_line(rc, err, f"{folder / 'config.json'}: {field} is {shown}; expected {expected}")
+
+
+def test_nested_config_fields_are_named_with_their_section(env, capsys, tmp_path):
+    """Issue 23: CLIP's vision_config and BLIP's text_config fields are named ``section.field``; a section that is no
+    object is named itself."""
+    cases = [({"model_type": "clip", "vision_config": {"patch_size": "32"}},
+              'vision_config.patch_size is "32" (a string); expected a positive integer (or a list of two)'),
+             ({"model_type": "clip", "vision_config": [1]}, "vision_config is [1] (a list); expected an object"),
+             ({"model_type": "clip_vision_model", "image_size": [224, -224]},
+              "image_size is [224, -224] (a list); expected a positive integer (or a list of two)"),
+             ({"model_type": "blip", "architectures": ["BlipForQuestionAnswering"],
+               "text_config": {"vocab_size": None}}, "text_config.vocab_size is null; expected a positive integer")]
+    for k, (changes, needle) in enumerate(cases):
+        folder = _with_config(env, tmp_path, f"bad{k}", **changes)
+        rc, _, err = _run(capsys, ["roles", "--base", folder])
+        _one_line(rc, err, f"{folder / 'config.json'}: {needle}")
+
+
+def _with_index(env, tmp_path, name, weight_map):
+    """A copy of the base folder with a shard index whose first entry maps to ``weight_map`` (a dict: as given)."""
+    folder = tmp_path / name
+    shutil.copytree(env["base"], folder)
+    if not isinstance(weight_map, dict):
+        names = list(st.read_header(str(folder / "model.safetensors")))
+        weight_map = {n: (weight_map if i == 0 else "model.safetensors") for i, n in enumerate(names)}
+    (folder / st.INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_shard_index_entries_are_named(env, capsys, tmp_path):
+    """Issue 23: a shard index entry naming a folder (before: "[Errno 21] Is a directory: '.../.'"), a missing file
+    or a path out of the folder is reported by its entry, with what it must be."""
+    first = list(st.read_header(os.path.join(env["base"], "model.safetensors")))[0]
+    for k, (shard, needle) in enumerate([(".", "which is a folder; each entry must name a .safetensors file"),
+                                         ("nope.safetensors", "which is missing from"),
+                                         ("../x.safetensors", "which is not a file name inside the folder")]):
+        folder = _with_index(env, tmp_path, f"index{k}", shard)
+        rc, _, err = _run(capsys, ["roles", "--base", folder])
+        _one_line(rc, err, f"{folder / st.INDEX_NAME}: weight_map entry {first!r} names {shard!r}, {needle}",
+                  absent=["Errno"])
+    folder = _with_index(env, tmp_path, "index_list", {})
+    (folder / st.INDEX_NAME).write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    rc, _, err = _run(capsys, ["roles", "--base", folder])
+    _one_line(rc, err, f"{folder / st.INDEX_NAME}: weight_map is a JSON list; expected an object of tensor name")
+    (folder / st.INDEX_NAME).unlink()
+    (folder / st.INDEX_NAME).mkdir()
+    rc, _, err = _run(capsys, ["roles", "--base", folder])
+    _one_line(rc, err, f"{folder / st.INDEX_NAME} is a folder; expected the JSON shard index file", absent=["Errno"])
+
+
+def test_alpha_flag_is_the_merge_scale_only(env, capsys, tmp_path):
+    """Issue 23: ``--alpha`` is the merge scale. RegMean's ``alpha`` is its Gram shrinkage, so ``--alpha`` is refused
+    for it (pointing to ``--hparam alpha=``), as for a method with no alpha at all; nothing is read or written."""
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, _merge(env, out, "--exemplars", env["text"], env["text"], "--alpha", "1.0",
+                                     method="regmean"))
+    _one_line(rc, err, "--alpha is the merge scale and method 'regmean' has none", "--hparam alpha=")
+    rc, _, err = _run(capsys, _merge(env, out, "--alpha", "0.5", method="average"))
+    _one_line(rc, err, "--alpha is the merge scale and method 'average' has none", absent=["--hparam"])
+    assert not out.exists() and not _temps(tmp_path)
+    # --hparam alpha= still reaches RegMean's own alpha; a method's scale given twice is refused.
+    from catmerge_jax.cli import check_hparams
+    from catmerge_jax.methods.registry import get_method
+
+    given = {"alpha": None, "lam": None, "c": None}
+    assert check_hparams(get_method("regmean"), given, [("alpha", 0.5)]) == {"alpha": 0.5}
+    rc, _, err = _run(capsys, _merge(env, out, "--alpha", "0.5", "--hparam", "lambda=0.2",
+                                     method="mergekit.task_arithmetic"))
+    _one_line(rc, err, "--hparam lambda repeats --alpha")
+    # MergeKit's task arithmetic scales by its `lambda` (tests/test_merge_scale.py): --alpha sets that.
+    assert pipeline.resolve_hparams(get_method("mergekit.task_arithmetic"), {**given, "alpha": 0.5}) == (
+        {"lambda": 0.5}, [])
+    assert pipeline.resolve_hparams(get_method("ties"), {"alpha": 0.5, "lam": 2.0, "c": None}) == (
+        {"alpha": 0.5}, ["lam"])

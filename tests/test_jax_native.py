@@ -92,13 +92,15 @@ def test_every_registered_method_has_a_traced_equality_test():
     """Each registered method is run under ``jax.jit`` (params, statistics, extras and alpha traced) and compared with
     its eager call or a float64 reference by one of the parametrized tests listed here; a method added to the registry
     without one fails this test. (Running them all again here took ~1 min of compilation for no new check.)"""
-    from tests import test_methods_field, test_traced_baselines
+    from tests import test_mergekit, test_methods_field, test_traced_baselines
 
     covered = {
         "cat": "test_cat_merge_under_jit_vmap_grad_matches_the_float64_reference",
         **{n: "test_basic_front_doors_trace_with_params_and_alpha" for n in BASIC_TRACED},
         **{n: "test_traced_baselines.py::test_jit_equals_eager_without_retracing" for n in test_traced_baselines.CASES},
         **{n: "test_methods_field.py::test_jit_vmap_and_grad_over_alpha" for n in test_methods_field.TRACED},
+        **{f"mergekit.{n}": "test_mergekit.py::test_method_matches_float64_reference (eager and jitted)"
+           for n in test_mergekit.TRACED},
     }
     missing = sorted(set(cm.available_methods()) - set(covered))
     assert not missing, f"registered methods without a traced test: {missing}"

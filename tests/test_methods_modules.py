@@ -213,8 +213,13 @@ def assert_same(got, want, name):
 KNOWN_GAPS: dict[str, str] = {}  # method name -> why it cannot merge modules yet (none now)
 
 
+# MergeKit's 20 methods share one pytree adapter (catmerge_jax/mergekit/pytree.py): two stand for the rest here
+MERGEKIT_SAMPLE = ("mergekit.ties", "mergekit.linear")
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[n]))
-                                  if n in KNOWN_GAPS else n for n in cm.available_methods()])
+                                  if n in KNOWN_GAPS else n for n in cm.available_methods()
+                                  if not n.startswith("mergekit.") or n in MERGEKIT_SAMPLE])
 def test_same_merge_as_linen_nnx_and_equinox(name, problem):
     override = OVERRIDES.get(name, {})
     reference = merge(name, problem, "linen", **override)

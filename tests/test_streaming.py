@@ -116,7 +116,7 @@ def test_failures_leave_no_output(checkpoints, tmp_path):
     with pytest.raises(cm.MissingStatisticsError, match="needs exemplar statistics"):
         merge_safetensors(files["base"], [files[k] for k in range(K)], {}, out, c=2)
     assert not os.path.exists(out)
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-merge-")]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith((".tmp-merge-", ".catmerge-tmp-"))]
     bad = os.path.join(d, "bad.safetensors")
     save_file({"blocks/0/ln/scale": np.zeros(3, BF16)}, bad)
     with pytest.raises(cm.TreeMismatchError, match="bad.safetensors"):

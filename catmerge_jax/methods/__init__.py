@@ -18,3 +18,6 @@ __all__ = ["MergeMethod", "available_methods", "get_method", "register", "task_a
            "ties_disjoint_merge", "weight_average", "consensus_merge", "tall_masks", "dare_merge", "dare_sparsify",
            "diagonal_fisher", "fisher_merge", "unlabeled_fisher", "pcb_merge", "regmean_merge", "mean_abs_gradient",
            "tatr_merge", "tsv_merge", "iso_c_merge", "iso_cts_merge", "wudi_merge", "lot_merge"]
+
+# MergeKit's 20 methods, registered as "mergekit.<name>" (last: they build on the registry above)
+import catmerge_jax.mergekit  # noqa: E402,F401 — registration

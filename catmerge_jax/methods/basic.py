@@ -22,7 +22,7 @@ from catmerge_jax.cat import cat_merge, check_scalar, finetuned_list, params_vie
 from catmerge_jax.errors import HyperparameterError
 from catmerge_jax.methods.pcb import order_statistics
 from catmerge_jax.methods.registry import MergeMethod, register
-from catmerge_jax.tree import PyTree, compute_dtype
+from catmerge_jax.tree import PyTree, compute_dtype, is_tracer
 
 
 def _compute_dtype(x: jax.Array):
@@ -71,12 +71,35 @@ def task_arithmetic(pretrained: PyTree, finetuned: Sequence[PyTree], *, alpha: f
 
 def _kth_largest_abs(leaves: Sequence[jax.Array], keep: float) -> jax.Array:
     """Threshold so that the top ``keep`` fraction of |x| over all ``leaves`` lies at or above it."""
-    flat = jnp.concatenate([jnp.abs(x).reshape(-1) for x in leaves])
+    if all(_on_cpu(x) for x in leaves):  # NumPy gathers the entries without a compiled program per leaf shape
+        flat = np.concatenate([np.abs(np.asarray(x)).reshape(-1) for x in leaves])
+    else:
+        flat = jnp.concatenate([jnp.abs(x).reshape(-1) for x in leaves])
     n_keep = int(np.ceil(keep * flat.size))
     if n_keep <= 0:
         return jnp.asarray(jnp.inf, flat.dtype)
     # a selection, not a top_k: top_k of millions of entries is very slow on XLA:CPU
     return order_statistics(flat[None], [flat.size - n_keep])[0, 0]
+
+
+def _on_cpu(x) -> bool:
+    """A concrete array on the CPU (NumPy, or a JAX array there): the host can read it without a transfer."""
+    if isinstance(x, np.ndarray):
+        return True
+    return isinstance(x, jax.Array) and not is_tracer(x) and all(d.platform == "cpu" for d in x.devices())
+
+
+@jax.jit
+def _task_vector_leaves(base_leaves: list, task_leaves: list) -> list[jax.Array]:
+    """``W_k − W0`` of every leaf in its compute dtype: one program for the whole tree."""
+    return [jnp.asarray(w).astype(_compute_dtype(b)) - jnp.asarray(b).astype(_compute_dtype(b))
+            for w, b in zip(task_leaves, base_leaves)]
+
+
+@jax.jit
+def _kept(leaves: list, thresholds: list) -> list[jax.Array]:
+    """Each leaf with the entries below its threshold (in magnitude) set to 0: one program for the whole tree."""
+    return [jnp.where(jnp.abs(x) >= t, x, 0) for x, t in zip(leaves, thresholds)]
 
 
 @jax.jit
@@ -99,17 +122,14 @@ def ties_trim(pretrained: PyTree, finetuned: Sequence[PyTree], *, k: float = 0.2
         raise HyperparameterError(f"ties k (fraction kept) must be a number in [0, 1], got {k!r}")
     view, fts = _views(pretrained, finetuned)
     base_leaves, treedef = jax.tree.flatten(view.params)
-    base_leaves = [jnp.asarray(b) for b in base_leaves]
     trimmed = []
     for ft in fts:
-        leaves = [jnp.asarray(w).astype(_compute_dtype(b)) - b.astype(_compute_dtype(b))
-                  for w, b in zip(jax.tree.leaves(ft), base_leaves)]
+        leaves = _task_vector_leaves(base_leaves, jax.tree.leaves(ft))
         if per_tensor:
-            leaves = [jnp.where(jnp.abs(x) >= _kth_largest_abs([x], k), x, 0) for x in leaves]
+            thresholds = [_kth_largest_abs([x], k) for x in leaves]
         else:
-            threshold = _kth_largest_abs(leaves, k)
-            leaves = [jnp.where(jnp.abs(x) >= threshold, x, 0) for x in leaves]
-        trimmed.append(jax.tree.unflatten(treedef, leaves))
+            thresholds = [_kth_largest_abs(leaves, k)] * len(leaves)
+        trimmed.append(jax.tree.unflatten(treedef, _kept(leaves, thresholds)))
     return trimmed
 
 
@@ -126,13 +146,19 @@ def ties_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, k: float = 0.
     trimmed = ties_trim(pretrained, finetuned, k=k, per_tensor=per_tensor)
     view = params_view(pretrained)
     base_leaves, treedef = jax.tree.flatten(view.params)
-    trimmed_leaves = [jax.tree.leaves(t) for t in trimmed]
+    merged = _ties_combine(base_leaves, [jax.tree.leaves(t) for t in trimmed], alpha)
+    return view.rebuild(jax.tree.unflatten(treedef, merged))
+
+
+@jax.jit
+def _ties_combine(base_leaves: list, trimmed_leaves: list[list], alpha) -> list[jax.Array]:
+    """``W0 + α·τ`` of every leaf, ``τ`` the disjoint merge of the trimmed task vectors: one program for the tree."""
     merged = []
     for j, base in enumerate(base_leaves):
         base = jnp.asarray(base)
         tau = ties_disjoint_merge(jnp.stack([t[j] for t in trimmed_leaves]))
         merged.append((base.astype(tau.dtype) + alpha * tau).astype(base.dtype))
-    return view.rebuild(jax.tree.unflatten(treedef, merged))
+    return merged
 
 
 def _adapter(fn, *, uses_stats: bool = False):
@@ -147,7 +173,9 @@ def _adapter(fn, *, uses_stats: bool = False):
 
 
 register(MergeMethod("average", _adapter(weight_average), {}, description="weight averaging"))
-register(MergeMethod("task_arithmetic", _adapter(task_arithmetic), {"alpha": 0.3}, description="task arithmetic"))
-register(MergeMethod("ties", _adapter(ties_merge), {"k": 0.2, "alpha": 1.0}, description="TIES-Merging"))
+register(MergeMethod("task_arithmetic", _adapter(task_arithmetic), {"alpha": 0.3}, description="task arithmetic",
+                     scale_name="alpha"))
+register(MergeMethod("ties", _adapter(ties_merge), {"k": 0.2, "alpha": 1.0}, description="TIES-Merging",
+                     scale_name="alpha"))
 register(MergeMethod("cat", _adapter(cat_merge, uses_stats=True), {"alpha": 0.3, "lam": 5.0, "c": 3},
-                     needs_stats=True, description="CAT Merging (conflict-aware task merging)"))
+                     needs_stats=True, description="CAT Merging (conflict-aware task merging)", scale_name="alpha"))

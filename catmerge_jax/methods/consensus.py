@@ -207,6 +207,6 @@ def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **h
 
 
 register(MergeMethod("consensus", _merge, {"k": 2, "lam": 0.4, "alpha": 0.3, "base": "task_arithmetic"},
-                     description="Consensus Merging with TALL masks (Wang et al., 2024)"))
+                     description="Consensus Merging with TALL masks (Wang et al., 2024)", scale_name="alpha"))
 
 __all__ = ["consensus_merge", "tall_masks", "tall_mask", "consensus_mask"]

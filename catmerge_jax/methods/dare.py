@@ -154,6 +154,7 @@ def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **h
 
 
 register(MergeMethod("dare", _merge, {"p": 0.9, "alpha": 0.3, "seed": 0},
-                     description="DARE (Yu et al., 2024): random drop and rescale, then task arithmetic"))
+                     description="DARE (Yu et al., 2024): random drop and rescale, then task arithmetic",
+                     scale_name="alpha"))
 
 __all__ = ["dare_merge", "dare_sparsify", "dare_leaf", "as_key"]

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from catmerge_jax.cat import roles_with_stats
 from catmerge_jax.errors import HyperparameterError
 from catmerge_jax.methods.layerwise import matrix_merge, polar
 from catmerge_jax.methods.registry import MergeMethod, register
@@ -114,17 +115,17 @@ def iso_cts_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, alpha: Any
 
 def _merge_c(pretrained, finetuned, *, stats=None, roles=None, progress=False, **hparams):
     """Registry adapter for :func:`iso_c_merge` (needs no statistics)."""
-    return iso_c_merge(pretrained, finetuned, roles=roles, progress=progress, **hparams)
+    return iso_c_merge(pretrained, finetuned, roles=roles_with_stats(roles, stats), progress=progress, **hparams)
 
 
 def _merge_cts(pretrained, finetuned, *, stats=None, roles=None, progress=False, **hparams):
     """Registry adapter for :func:`iso_cts_merge` (needs no statistics)."""
-    return iso_cts_merge(pretrained, finetuned, roles=roles, progress=progress, **hparams)
+    return iso_cts_merge(pretrained, finetuned, roles=roles_with_stats(roles, stats), progress=progress, **hparams)
 
 
-register(MergeMethod("iso_c", _merge_c, {"alpha": 1.0},
+register(MergeMethod("iso_c", _merge_c, {"alpha": 1.0}, scale_name="alpha",
                      description="Iso-C (Marczak et al., 2025): isotropic spectrum of the summed task matrix"))
-register(MergeMethod("iso_cts", _merge_cts, {"alpha": 1.0, "common_fraction": 0.8},
+register(MergeMethod("iso_cts", _merge_cts, {"alpha": 1.0, "common_fraction": 0.8}, scale_name="alpha",
                      description="Iso-CTS (Marczak et al., 2025): common + task-specific subspaces, isotropic"))
 
 __all__ = ["iso_c_merge", "iso_cts_merge", "iso_c_layer", "iso_cts_layer", "iso_cts_sizes"]

@@ -173,7 +173,7 @@ def lot_merge(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Sequence[P
     pretrained = view.params
     validate_inputs(pretrained, finetuned, stats)
     check_alpha(alpha, "LOT")
-    specs = [s for _, s in leaves_with_paths(classify(pretrained, _combined_roles(view.roles, roles)),
+    specs = [s for _, s in leaves_with_paths(classify(pretrained, _combined_roles(view.roles, roles, stats)),
                                              is_leaf=is_spec)]
     paths_leaves = leaves_with_paths(pretrained)
     stat_columns = list(zip(*[[s for _, s in leaves_with_paths(t, is_leaf=is_leaf_stats)] for t in stats]))
@@ -208,7 +208,7 @@ def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **h
     return lot_merge(pretrained, finetuned, stats, roles=roles, progress=progress, **hparams)
 
 
-register(MergeMethod("lot", _merge, {"alpha": 1.0}, needs_stats=True,
+register(MergeMethod("lot", _merge, {"alpha": 1.0}, needs_stats=True, scale_name="alpha",
                      description="LOT Merging (Sun et al., 2025): closed-form feature-drift minimization per layer"))
 
 __all__ = ["lot_merge", "lot_linear", "lot_linear_rows", "lot_scale"]

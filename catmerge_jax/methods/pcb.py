@@ -251,7 +251,7 @@ def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **h
     return pcb_merge(pretrained, finetuned, progress=progress, **hparams)
 
 
-register(MergeMethod("pcb", _merge, {"keep_ratio": 0.1, "clip_ratio": 1e-4, "alpha": 1.0},
+register(MergeMethod("pcb", _merge, {"keep_ratio": 0.1, "clip_ratio": 1e-4, "alpha": 1.0}, scale_name="alpha",
                      description="PCB-Merging (Du et al., 2024): parameter competition balancing"))
 
 __all__ = ["pcb_merge", "pcb_scores", "PCBScores", "order_statistics", "flatten_tasks", "stack_task_vectors",

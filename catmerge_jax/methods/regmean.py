@@ -124,7 +124,7 @@ def _leaf_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTr
     view = params_view(pretrained)
     fts = [params_view(f).params for f in finetuned_list(finetuned)]
     validate_inputs(view.params, fts, stats)
-    specs = [sp for _, sp in leaves_with_paths(classify(view.params, _combined_roles(view.roles, roles)),
+    specs = [sp for _, sp in leaves_with_paths(classify(view.params, _combined_roles(view.roles, roles, stats)),
                                                is_leaf=is_spec)]
     paths_leaves = leaves_with_paths(view.params)
     treedef = jax.tree.structure(view.params)
@@ -271,7 +271,8 @@ def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **h
     return regmean_merge(pretrained, finetuned, stats, roles=roles, progress=progress, **hparams)
 
 
-register(MergeMethod("regmean", _merge, {"alpha": 0.9}, needs_stats=True,
+# No merge scale: its alpha is the Gram off-diagonal shrinkage (W solves least squares; it is not W0 + α·τ).
+register(MergeMethod("regmean", _merge, {"alpha": 0.9}, needs_stats=True, scale_name=None,
                      description="RegMean (Jin et al., 2023): per-layer least squares on exemplar input Grams"))
 
 __all__ = ["regmean_merge", "regmean_linear", "shrink_off_diagonal"]

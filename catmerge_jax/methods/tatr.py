@@ -190,9 +190,9 @@ def _merge_zero_shot(pretrained, finetuned, *, stats=None, roles=None, progress=
     return tatr_merge(pretrained, finetuned, None, progress=progress, **hparams)
 
 
-register(MergeMethod("tatr", _merge_gradient, {"alpha": 0.3, "quantile": 0.99}, extras=("grads",),
+register(MergeMethod("tatr", _merge_gradient, {"alpha": 0.3, "quantile": 0.99}, extras=("grads",), scale_name="alpha",
                      description="Task Arithmetic in Trust Region (Sun et al., 2025), gradient mode"))
-register(MergeMethod("tatr_zero_shot", _merge_zero_shot, {"alpha": 0.3, "quantile": 0.99},
+register(MergeMethod("tatr_zero_shot", _merge_zero_shot, {"alpha": 0.3, "quantile": 0.99}, scale_name="alpha",
                      description="Task Arithmetic in Trust Region, zero-shot mode (|task vector| as gradient proxy)"))
 
 __all__ = ["tatr_merge", "trust_region_masks", "trust_region_threshold", "conflict_scores", "mean_abs_gradient"]

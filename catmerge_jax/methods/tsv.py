@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from catmerge_jax.cat import roles_with_stats
 from catmerge_jax.methods.layerwise import matrix_merge, polar
 from catmerge_jax.methods.registry import MergeMethod, register
 from catmerge_jax.roles import Overrides
@@ -68,11 +69,11 @@ def tsv_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, alpha: Any = 1
 
 
 def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **hparams):
-    """Registry adapter for :func:`tsv_merge` (needs no statistics)."""
-    return tsv_merge(pretrained, finetuned, roles=roles, progress=progress, **hparams)
+    """Registry adapter for :func:`tsv_merge` (needs no statistics; the specs statistics declare still apply)."""
+    return tsv_merge(pretrained, finetuned, roles=roles_with_stats(roles, stats), progress=progress, **hparams)
 
 
-register(MergeMethod("tsv", _merge, {"alpha": 1.0},
+register(MergeMethod("tsv", _merge, {"alpha": 1.0}, scale_name="alpha",
                      description="TSV-Merge (Gargiulo et al., 2025): per-task top singular vectors, decorrelated"))
 
 __all__ = ["tsv_merge", "tsv_layer"]

@@ -35,8 +35,8 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from catmerge_jax.cat import roles_with_stats
 from catmerge_jax.errors import HyperparameterError
 from catmerge_jax.methods.layerwise import matrix_merge
 from catmerge_jax.methods.registry import MergeMethod, register
@@ -63,6 +63,8 @@ def wudi_layer(tvs: jax.Array, steps: int = 400, lr: float = 1e-5) -> jax.Array:
     grams = jnp.einsum("kmi,kmj->kij", tvs, tvs)                        # τ_kᵀτ_k (K, in, in)
     h = jnp.einsum("k,kij->ij", inv, grams)
     r = jnp.einsum("k,kmi,kij->mj", inv, tvs, grams)
+    import optax  # here, not at the top: importing optax costs the CLI's other methods ~0.3 s
+
     opt = optax.adam(lr)
     start = tvs.sum(0)
 
@@ -108,10 +110,10 @@ def wudi_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, alpha: Any = 
 
 def _merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **hparams):
     """Registry adapter for :func:`wudi_merge` (needs no statistics)."""
-    return wudi_merge(pretrained, finetuned, roles=roles, progress=progress, **hparams)
+    return wudi_merge(pretrained, finetuned, roles=roles_with_stats(roles, stats), progress=progress, **hparams)
 
 
-register(MergeMethod("wudi", _merge, {"alpha": 1.0, "steps": 400, "lr": 1e-5},
+register(MergeMethod("wudi", _merge, {"alpha": 1.0, "steps": 400, "lr": 1e-5}, scale_name="alpha",
                      description="WUDI-Merging (Cheng et al., 2025): data-free per-layer interference minimization"))
 
 __all__ = ["wudi_merge", "wudi_layer", "wudi_loss", "AUTHORS_VIT"]

@@ -324,7 +324,10 @@ class ClipVisionModel(nn.Module):
     with_projection: bool = True
 
     def param_roles(self) -> dict | None:
-        """Role overrides this layout needs (``None``: Flax's naming conventions already say everything)."""
+        """Leaf specs this layout declares beyond Flax's naming conventions (``None``: the names say everything).
+
+        Nobody needs to pass them on: :func:`~catmerge_jax.capture.capture_stats` stores them in the statistics it
+        returns and every merge reads them there (see ``docs/roles.md``)."""
         return open_clip_roles() if self.layout == "open_clip" else None
 
     @nn.compact
@@ -380,10 +383,11 @@ def _open_clip_block_to_hf(b: Mapping[str, Any]) -> dict:
             "mlp": {"fc1": dict(b["mlp"]["c_fc"]), "fc2": dict(b["mlp"]["c_proj"])}}
 
 
-def hf_to_open_clip_params(params: Mapping[str, Any]) -> dict:
+def hf_to_open_clip_params(params: Mapping[str, Any], *, with_roles: bool = False) -> dict:
     """Params of ``layout="hf"`` → the same weights in ``layout="open_clip"`` (q/k/v fused into ``in_proj``).
 
-    The two models then compute the same function.
+    The two models then compute the same function. ``with_roles=True`` returns them as a
+    :class:`~catmerge_jax.roles.ParamsWithRoles` carrying :func:`open_clip_roles` (for merges without statistics).
     """
     vm = params["vision_model"]
     emb = vm["embeddings"]
@@ -393,6 +397,10 @@ def hf_to_open_clip_params(params: Mapping[str, Any]) -> dict:
            "ln_post": dict(vm["post_layernorm"])}
     if "visual_projection" in params:
         out["proj"] = params["visual_projection"]["kernel"]
+    if with_roles:
+        from catmerge_jax.roles import with_roles as _with_roles
+
+        return _with_roles(out, open_clip_roles())
     return out
 
 
