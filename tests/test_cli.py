@@ -70,12 +70,36 @@ def _cli_unsupported(method):
     return [e for e in get_method(method).extras if e not in EXTRA_PROVIDERS]
 
 
-@pytest.mark.parametrize("method", available_methods())
+def _mergekit_refuses(method, tasks):
+    """A MergeKit method whose input contract excludes this many tasks (slerp takes one) or that needs a
+    parameter without a default (slerp's t): a one-line error instead of a folder."""
+    if not method.startswith("mergekit."):
+        return False
+    from catmerge_jax.mergekit.methods import METHODS, REQUIRED
+
+    m = METHODS[method.removeprefix("mergekit.")]
+    n = tasks + int(m.base != "ignored")
+    bad_count = (n < m.min_inputs or (m.max_inputs is not None and n > m.max_inputs) or tasks < m.min_non_base
+                 or (m.max_non_base is not None and tasks > m.max_non_base))
+    return bad_count or any(p.default is REQUIRED and p.name != "weight" for p in m.params)
+
+
+# MergeKit's 20 methods are tested against references and MergeKit itself in tests/test_mergekit.py; here three of
+# them stand for the rest (a per-tensor task-arithmetic one, one that ignores the base, one that refuses 3 tasks)
+CLI_METHODS = [m for m in available_methods() if not m.startswith("mergekit.")] + [
+    "mergekit.ties", "mergekit.linear", "mergekit.slerp"]
+
+
+@pytest.mark.parametrize("method", CLI_METHODS)
 def test_every_method_writes_a_loadable_folder(bert, capsys, method):
     out = bert["root"] / f"out_{method}"
     rc, stdout, err = _run(capsys, _merge_args(bert, method, out))
     if _cli_unsupported(method):  # e.g. gradient-based methods need labelled data
         assert rc == 2 and err.count("\n") == 1 and "cannot be computed" in err
+        assert not out.exists()
+        return
+    if _mergekit_refuses(method, len(bert["tasks"])):
+        assert rc == 2 and err.count("\n") == 1 and "mergekit." in err, err
         assert not out.exists()
         return
     assert rc == 0, err
