@@ -5,11 +5,13 @@ Two model kinds, from ``config.json``'s ``architectures``:
 * ``"blip_vqa"`` — ``BlipForQuestionAnswering`` (``vision_model.*``, ``text_encoder.*``, ``text_decoder.*``);
 * ``"blip_caption"`` — ``BlipForConditionalGeneration`` (``vision_model.*``, ``text_decoder.*``).
 
-Keys map mechanically (:func:`converters.hf.hf_key`). The LM head's weight and bias are tied to
+Keys map mechanically (:func:`converters.keys.hf_key`). The LM head's weight and bias are tied to
 ``text_decoder.bert.embeddings.word_embeddings.weight`` and ``text_decoder.cls.predictions.bias``; current
 ``save_pretrained`` leaves the tied copies out, older checkpoints carry ``text_decoder.cls.predictions.decoder.*``.
 Those copies are no Flax leaves: they are kept aside and, on export, written from their (possibly merged) sources
-(:data:`TIED`), so they stay tied. Everything else goes through :mod:`converters.hf` (reading, sharding, writing).
+(:data:`TIED`), so they stay tied. Everything else goes through :mod:`converters.hf` (reading, sharding, writing),
+which reaches this module through :data:`converters.families.FAMILY_MODULES` (``KINDS``, ``kind_of``,
+``build_model``, ``example_inputs``, ``state_to_flax``, ``layer_key``, ``layer_field``, ``CONFIG_FIELDS``).
 
 Exemplars (:func:`read_exemplars`): a JSON Lines file, one ``{"image": PATH, "text": TEXT}`` per line, ``PATH``
 relative to the file: an image file (read with Pillow and preprocessed with the folder's ``preprocessor_config.json``:
@@ -34,11 +36,29 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from converters.config_fields import (COUNT, FLAG, NAME, NAMES, POSITIVE_INT, POSITIVE_NUMBER, TOKEN_ID,
+                                      VISION_FIELDS, section)
+from converters.keys import ConversionError, hf_key, match_state, template_shapes
+
 __all__ = ["BLIP_KINDS", "TIED", "blip_kind", "build_blip_model", "example_inputs", "blip_state_to_flax",
-           "ImageSettings", "image_settings", "load_image", "load_pixels", "read_exemplars", "BlipExemplarError"]
+           "ImageSettings", "image_settings", "load_image", "load_pixels", "read_exemplars", "BlipExemplarError",
+           "KINDS", "CONFIG_FIELDS", "kind_of", "build_model", "state_to_flax", "layer_key", "layer_field"]
 
 BLIP_KINDS = {"BlipForQuestionAnswering": "blip_vqa", "BlipForConditionalGeneration": "blip_caption"}
 """HF architecture → model kind."""
+
+KINDS = tuple(BLIP_KINDS.values())
+"""The model kinds of this family."""
+
+_TEXT_FIELDS = {"vocab_size": POSITIVE_INT, "hidden_size": POSITIVE_INT, "num_hidden_layers": COUNT,
+                "num_attention_heads": POSITIVE_INT, "intermediate_size": POSITIVE_INT, "hidden_act": NAME,
+                "layer_norm_eps": POSITIVE_NUMBER, "max_position_embeddings": POSITIVE_INT,
+                "bos_token_id": TOKEN_ID, "sep_token_id": TOKEN_ID, "pad_token_id": TOKEN_ID,
+                "is_decoder": FLAG, "tie_word_embeddings": FLAG}
+
+CONFIG_FIELDS = {"blip": {"architectures": NAMES, "tie_word_embeddings": FLAG,
+                          **section("vision_config", VISION_FIELDS), **section("text_config", _TEXT_FIELDS)}}
+"""``model_type`` → the ``config.json`` fields its loader reads (:mod:`converters.config_fields`)."""
 
 TIED = {"text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
         "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias"}
@@ -55,8 +75,6 @@ class BlipExemplarError(ValueError):
 
 def blip_kind(config: Mapping[str, Any]) -> str:
     """``"blip_vqa"`` or ``"blip_caption"`` from a ``blip`` config's ``architectures``."""
-    from converters.hf import ConversionError
-
     archs = config.get("architectures") or []
     kinds = {BLIP_KINDS[a] for a in archs if a in BLIP_KINDS}
     if len(kinds) != 1:
@@ -86,8 +104,6 @@ def _is_aside(key: str) -> bool:
 
 def blip_state_to_flax(state: Mapping[str, np.ndarray], config: Mapping[str, Any], *, dtype=np.float32):
     """A flat BLIP state dict and its config → ``(model_kind, flax_params, meta)`` (see :mod:`converters.hf`)."""
-    from converters.hf import ConversionError, hf_key, match_state, template_shapes
-
     kind = blip_kind(config)
     has_encoder = any(k.startswith("text_encoder.") for k in state)
     if has_encoder != (kind == "blip_vqa"):
@@ -102,6 +118,27 @@ def blip_state_to_flax(state: Mapping[str, np.ndarray], config: Mapping[str, Any
                                options={})
     meta.ties = {key: src for key, src in TIED.items() if key in state}
     return kind, params, meta
+
+
+# The family protocol of converters.families: BLIP's kind, model and converter under their common names.
+kind_of = blip_kind
+state_to_flax = blip_state_to_flax
+
+
+def build_model(kind: str, config: Mapping[str, Any], **options):
+    """:func:`build_blip_model` (a BLIP model has no options read from its keys)."""
+    return build_blip_model(kind, config)
+
+
+def layer_key(kind: str) -> None:
+    """No layer-count check before building: a BLIP config has two towers, checked when the model is matched."""
+    return None
+
+
+def layer_field(config: Mapping[str, Any]) -> tuple[str, Any]:
+    """Unused (:func:`layer_key` is ``None``); the text tower's layer count, for the protocol."""
+    text = config.get("text_config")
+    return "text_config.num_hidden_layers", (text if isinstance(text, Mapping) else {}).get("num_hidden_layers")
 
 
 # ----------------------------------------------------------------------------------------------- images

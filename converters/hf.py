@@ -1,14 +1,17 @@
-"""Hugging Face checkpoint folders ↔ Flax parameter trees (BERT, RoBERTa, CLIP vision).
+"""Hugging Face checkpoint folders ↔ Flax parameter trees, for every family of
+:data:`converters.families.FAMILY_MODULES` (BERT, RoBERTa, CLIP vision, BLIP, decoder LLMs).
 
-The Flax models in :mod:`catmerge_jax.models` name their modules after the PyTorch ones, so the key of every
-Flax leaf is derived mechanically from its path (:func:`hf_key`): ``a/b/kernel`` ↔ ``a.b.weight``
-(transposed; a 4-D conv kernel ``(kh, kw, in, out)`` ↔ ``(out, in, kh, kw)``), ``scale``/``embedding`` ↔
-``weight``, ``bias`` ↔ ``bias``, other names unchanged. The expected leaves come from the model's own
-``init`` (traced with ``jax.eval_shape``, no weights computed), so a checkpoint key that the model does not
-have, or a missing one, is an error that names the key.
+This module reads a folder (``config.json`` checked field by field, safetensors shards), hands the flat state dict to
+the family module that the config's ``model_type`` names in the table, and writes a tree back as the base folder's
+files (same keys, order, dtypes, shards; atomically). It names no family itself. The key rule and the leaf map are
+:mod:`converters.keys` (``a/b/kernel`` ↔ ``a.b.weight`` transposed, ...): the expected leaves come from the model's
+own ``init`` (traced with ``jax.eval_shape``, no weights computed), so a checkpoint key that the model does not
+have, or a missing one, is an error that names the key. Checkpoint keys that are not part of the Flax model — task
+heads (``classifier.*``, ``cls.*``), CLIP's text tower, old ``position_ids`` buffers — are kept aside in
+:class:`ConversionMeta` and written back unchanged.
 
-Checkpoint keys that are not part of the Flax model — task heads (``classifier.*``, ``cls.*``), CLIP's text
-tower, old ``position_ids`` buffers — are kept aside in :class:`ConversionMeta` and written back unchanged.
+Every name of :mod:`converters.keys` and :mod:`converters.config_fields` that lived here is still importable from
+here.
 
 >>> from converters.hf import load_hf_folder, save_hf_folder, build_flax_model   # doctest: +SKIP
 >>> kind, config, params, meta = load_hf_folder("all-MiniLM-L6-v2")               # doctest: +SKIP
@@ -19,291 +22,71 @@ tower, old ``position_ids`` buffers — are kept aside in :class:`ConversionMeta
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import shutil
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from converters import safetensors_io as st
+# Re-exported: these lived here before the family-neutral pieces moved out (imported from here by callers).
+from converters.config_fields import (COUNT, FLAG, NAME, NAMES, POSITIVE_INT, POSITIVE_NUMBER, SECTION,  # noqa: F401
+                                      SIDE, TOKEN_ID, ConfigFieldError, FieldType, _int_from, _shown, check_fields)
+from converters.config_fields import section as _section  # noqa: F401
+from converters.families import CONFIG_FIELDS, FAMILY_MODULES, config_fields_of, family_module, kind_module
+from converters.keys import (_TEMPLATE_SHAPES, ConversionError, ConversionMeta, LeafMap,  # noqa: F401
+                             _kernel_transform, _template_shapes, flax_to_hf_state, hf_key, match_state,
+                             template_shapes, to_flax_layout, to_torch_layout)
 
 __all__ = ["LeafMap", "ConversionMeta", "ConversionError", "hf_key", "template_shapes", "match_state",
            "hf_state_to_flax", "flax_to_hf_state", "load_hf_folder", "save_hf_folder", "build_flax_model",
-           "model_kind_of", "WEIGHT_FILES", "write_hf_files", "read_json_file", "check_config_matches_keys"]
+           "model_kind_of", "FAMILY_MODULES", "family_module", "WEIGHT_FILES", "write_hf_files", "read_json_file",
+           "check_config_matches_keys", "ConfigFieldError", "FieldType", "CONFIG_FIELDS", "check_config_fields"]
 
 # Files of a checkpoint folder that hold weights (not copied from the base folder on export).
 WEIGHT_FILES = (".safetensors", ".bin", ".h5", ".msgpack", ".ckpt", ".pt", ".pth")
 
-_BERT_PREFIX = {"bert": "bert.", "roberta": "roberta."}
-
-
-class ConversionError(ValueError):
-    """A checkpoint's keys or shapes don't match the model, or a folder lacks what is needed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafMap:
-    """One Flax leaf ↔ one checkpoint tensor. ``transform``: ``"none"``, ``"transpose"`` (Linear) or
-    ``"conv"`` (Conv2d ``(out, in, kh, kw)`` ↔ ``(kh, kw, in, out)``); ``dtype``/``shape`` are the checkpoint's."""
-
-    path: str
-    key: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    transform: str
-
-
-@dataclasses.dataclass
-class ConversionMeta:
-    """What is needed to write a Flax tree back as the original checkpoint.
-
-    ``leaves``: Flax path → :class:`LeafMap`. ``aside``: checkpoint tensors that are not Flax leaves (kept
-    unchanged). ``key_order``: every checkpoint key in its original order. ``shards``: key → shard file name
-    for sharded checkpoints (else ``None``). ``metadata``: the safetensors ``__metadata__``. ``options``:
-    model constructor options read from the keys (``add_pooler`` / ``with_projection`` / ``layout``).
-    """
-
-    model_kind: str
-    config: dict
-    leaves: dict[str, LeafMap]
-    aside: dict[str, np.ndarray]
-    key_order: list[str]
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    shards: dict[str, str] | None = None
-    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Tied copies kept aside (key -> source key), rewritten from their source on export (BLIP's LM head).
-    ties: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def key_of(self, path: str) -> str:
-        return self.leaves[path].key
-
-    def path_of(self, key: str) -> str:
-        for leaf in self.leaves.values():
-            if leaf.key == key:
-                return leaf.path
-        raise KeyError(f"checkpoint key {key!r} is not a Flax leaf")
-
-
-# ----------------------------------------------------------------------------------------------- mapping rules
-
-def hf_key(path: str, prefix: str = "") -> tuple[str, str, int | None]:
-    """``(key, transform, expected_ndim)`` for a Flax leaf path; see the module docstring for the rule."""
-    *mods, name = path.split("/")
-    if name == "kernel":
-        return prefix + ".".join(mods + ["weight"]), "kernel", None
-    if name in ("scale", "embedding"):
-        return prefix + ".".join(mods + ["weight"]), "none", None
-    return prefix + ".".join(mods + [name]), "none", None
-
-
-def _kernel_transform(ndim: int, path: str) -> str:
-    if ndim == 2:
-        return "transpose"
-    if ndim == 4:
-        return "conv"
-    raise ConversionError(f"leaf {path}: a kernel of rank {ndim} has no PyTorch mapping (expected 2 or 4)")
-
-
-def to_flax_layout(x: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "transpose":
-        return x.T
-    if transform == "conv":
-        return x.transpose(2, 3, 1, 0)
-    return x
-
-
-def to_torch_layout(x: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "transpose":
-        return x.T
-    if transform == "conv":
-        return x.transpose(3, 2, 0, 1)
-    return x
-
-
-def template_shapes(model, *example_args) -> dict[str, tuple[int, ...]]:
-    """``{path: shape}`` of a linen model's params, traced with ``jax.eval_shape`` (nothing is computed)."""
-    from catmerge_jax.tree import leaves_with_paths
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_args))["params"]
-    return {p: tuple(s.shape) for p, s in leaves_with_paths(shapes)}
-
-
-def match_state(state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
-                key_fn: Callable[[str], tuple[str, str, int | None]], is_aside: Callable[[str], bool],
-                *, dtype=np.float32, model_kind: str, config: dict, options: dict | None = None
-                ) -> tuple[dict, ConversionMeta]:
-    """Map a flat checkpoint onto a template of Flax leaves.
-
-    ``key_fn(path) -> (key, transform, _)`` names each leaf's checkpoint key; keys that are no leaf's and
-    for which ``is_aside(key)`` holds are kept aside; any other key is an error naming it. ``dtype`` is the
-    dtype of the returned leaves (``None`` keeps the checkpoint's). Returns ``(params, meta)``, ``params``
-    a nested dict of NumPy arrays.
-    """
-    leaves: dict[str, LeafMap] = {}
-    params: dict = {}
-    wanted: dict[str, str] = {}
-    for path, shape in shapes.items():
-        key, transform, _ = key_fn(path)
-        if key in wanted:
-            raise ConversionError(f"leaves {wanted[key]} and {path} both map to checkpoint key {key!r}")
-        wanted[key] = path
-        if key not in state:
-            raise ConversionError(f"{model_kind} checkpoint lacks key {key!r} (for Flax leaf {path}, shape {shape})")
-        value = np.asarray(state[key])
-        if transform == "kernel":
-            transform = _kernel_transform(len(shape), path)
-        flax_value = to_flax_layout(value, transform)
-        if tuple(flax_value.shape) != tuple(shape):
-            raise ConversionError(f"checkpoint key {key!r} has shape {tuple(value.shape)}; Flax leaf {path} expects "
-                                  f"{tuple(shape)} (after '{transform}')")
-        leaves[path] = LeafMap(path, key, value.dtype, tuple(value.shape), transform)
-        if dtype is not None:
-            flax_value = flax_value.astype(dtype)
-        node = params
-        *mods, name = path.split("/")
-        for m in mods:
-            node = node.setdefault(m, {})
-        node[name] = np.asarray(flax_value, order="C")
-    aside = {}
-    for key in state:
-        if key in wanted:
-            continue
-        if not is_aside(key):
-            raise ConversionError(f"unknown checkpoint key {key!r}: not a leaf of the {model_kind} model and not a "
-                                  f"known head/buffer")
-        aside[key] = np.asarray(state[key])
-    meta = ConversionMeta(model_kind=model_kind, config=dict(config), leaves=leaves, aside=aside,
-                          key_order=list(state), options=dict(options or {}))
-    return params, meta
-
 
 # ----------------------------------------------------------------------------------------------- model kinds
 
-def model_kind_of(config: Mapping[str, Any]) -> str:
-    """``"bert"``, ``"roberta"`` or ``"clip_vision"`` from a ``config.json`` dict."""
-    mt = config.get("model_type")
-    if mt == "bert":
-        return "bert"
-    if mt in ("roberta", "xlm-roberta", "camembert"):
-        return "roberta"
-    if mt in ("clip", "clip_vision_model"):
-        return "clip_vision"
-    if mt == "blip":
-        from converters.blip import blip_kind
+def _expected_model_types() -> str:
+    *most, last = FAMILY_MODULES
+    return f"{', '.join(most)} or {last}"
 
-        return blip_kind(config)
-    raise ConversionError(f"unsupported model_type {mt!r}; expected bert, roberta, clip or clip_vision_model")
+
+def model_kind_of(config: Mapping[str, Any]) -> str:
+    """The model kind of a ``config.json`` dict (``"bert"``, ``"roberta"``, ``"clip_vision"``, a BLIP kind or a
+    decoder's ``model_type``), from the family module of its ``model_type`` (:data:`FAMILY_MODULES`)."""
+    mt = config.get("model_type")
+    family = family_module(mt)
+    if family is None:
+        raise ConversionError(f"unsupported model_type {mt!r}; expected {_expected_model_types()}")
+    return family.kind_of(config)
 
 
 def build_flax_model(model_kind: str, config: Mapping[str, Any], meta: ConversionMeta | None = None, **options):
     """The linen module for a checkpoint. Options come from ``meta.options`` (as read from the keys), then
     ``options``: ``add_pooler`` (BERT/RoBERTa, default True), ``with_projection`` (CLIP, default True)."""
     opts = {**(meta.options if meta is not None else {}), **options}
-    if model_kind in ("bert", "roberta"):
-        from catmerge_jax.models.bert import BertConfig, BertModel
-
-        return BertModel(BertConfig.from_hf_config(config), add_pooler=opts.get("add_pooler", True))
-    if model_kind == "clip_vision":
-        from catmerge_jax.models.clip_vit import ClipVisionConfig, ClipVisionModel
-
-        wp = opts.get("with_projection", True)
-        return ClipVisionModel(ClipVisionConfig.from_hf_config(config, with_projection=wp), layout="hf",
-                               with_projection=wp)
-    if model_kind in ("blip_vqa", "blip_caption"):
-        from converters.blip import build_blip_model
-
-        return build_blip_model(model_kind, config)
-    raise ConversionError(f"unknown model kind {model_kind!r}")
-
-
-def _example_inputs(model_kind: str, model) -> tuple:
-    if model_kind in ("bert", "roberta"):
-        return (jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
-    if model_kind in ("blip_vqa", "blip_caption"):
-        from converters.blip import example_inputs
-
-        return example_inputs(model)
-    cfg = model.config
-    return (jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
-
-
-def _is_position_buffer(key: str) -> bool:
-    # Non-persistent in current transformers, but older checkpoints saved them.
-    return key.endswith("embeddings.position_ids") or key.endswith("embeddings.token_type_ids")
+    family = kind_module(model_kind)
+    if family is None:
+        raise ConversionError(f"unknown model kind {model_kind!r}")
+    return family.build_model(model_kind, config, **opts)
 
 
 def hf_state_to_flax(state: Mapping[str, np.ndarray], config: Mapping[str, Any], *, dtype=np.float32
                      ) -> tuple[str, dict, ConversionMeta]:
     """A flat HF state dict (key → array) and its config → ``(model_kind, flax_params, meta)``.
 
-    BERT/RoBERTa keys may carry the ``bert.``/``roberta.`` prefix (``*ForSequenceClassification`` etc.; keys
-    outside the prefix are heads, kept aside) or not (``BertModel``). A pooler is built when the checkpoint
-    has one. CLIP: ``vision_model.*`` and ``visual_projection.weight`` become leaves; in a full ``clip``
-    checkpoint the text tower, ``text_projection`` and ``logit_scale`` are kept aside.
+    The config's fields and layer count are checked first; then the family module of its ``model_type`` maps the
+    keys (for BERT/RoBERTa/CLIP see :mod:`converters.bert_clip`, BLIP :mod:`converters.blip`, decoders
+    :mod:`converters.decoder`).
     """
+    check_config_fields(config, "config")
     kind = model_kind_of(config)
-    keys = list(state)
-    check_config_matches_keys(config, keys)
-    if kind in ("blip_vqa", "blip_caption"):
-        from converters.blip import blip_state_to_flax
-
-        return blip_state_to_flax(state, config, dtype=dtype)
-    if kind in ("bert", "roberta"):
-        prefix = _BERT_PREFIX[kind]
-        if not any(k.startswith(prefix) for k in keys):
-            prefix = ""
-        options = {"add_pooler": f"{prefix}pooler.dense.weight" in state}
-
-        def is_aside(key):
-            return (prefix and not key.startswith(prefix)) or _is_position_buffer(key)
-    else:
-        prefix = ""
-        options = {"with_projection": "visual_projection.weight" in state}
-        full = config.get("model_type") == "clip"
-
-        def is_aside(key):
-            if _is_position_buffer(key):
-                return True
-            return full and (key.startswith("text_model.") or key in ("text_projection.weight", "logit_scale"))
-    model = build_flax_model(kind, config, None, **options)
-    shapes = template_shapes(model, *_example_inputs(kind, model))
-    params, meta = match_state(state, shapes, lambda p: hf_key(p, prefix), is_aside, dtype=dtype,
-                               model_kind=kind, config=dict(config), options=options)
-    return kind, params, meta
-
-
-def flax_to_hf_state(params, meta: ConversionMeta) -> dict[str, np.ndarray]:
-    """Flax params (as produced by :func:`hf_state_to_flax`, possibly edited) → flat checkpoint dict.
-
-    Keys, order, shapes and dtypes are the original checkpoint's (aside tensors included unchanged); leaves are
-    cast back to the checkpoint dtype. A missing/extra leaf or a wrong shape is an error naming its path.
-    """
-    from catmerge_jax.tree import leaves_with_paths
-
-    flat = dict(leaves_with_paths(params))
-    missing = [p for p in meta.leaves if p not in flat]
-    extra = [p for p in flat if p not in meta.leaves]
-    if missing or extra:
-        raise ConversionError(f"params do not match the checkpoint layout: missing leaves {missing[:5]}, "
-                              f"unexpected leaves {extra[:5]}")
-    by_key: dict[str, np.ndarray] = {}
-    for path, leaf in meta.leaves.items():
-        value = np.asarray(jax.device_get(flat[path]))
-        torch_value = to_torch_layout(value, leaf.transform)
-        if tuple(torch_value.shape) != leaf.shape:
-            raise ConversionError(f"leaf {path} has shape {value.shape}; checkpoint key {leaf.key!r} needs "
-                                  f"{leaf.shape} (after '{leaf.transform}')")
-        with np.errstate(over="ignore"):  # an overflow on the cast back is reported by the caller's finite check
-            by_key[leaf.key] = np.asarray(torch_value.astype(leaf.dtype, copy=False), order="C")
-    by_key.update(meta.aside)
-    for key, source in meta.ties.items():
-        by_key[key] = np.asarray(by_key[source].astype(meta.aside[key].dtype, copy=False), order="C")
-    return {k: by_key[k] for k in meta.key_order}
+    check_config_matches_keys(config, list(state))
+    return kind_module(kind).state_to_flax(state, config, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- folders
@@ -326,6 +109,20 @@ def read_json_file(path: str, what: str = "file") -> Any:
         raise ConversionError(f"{what} {path} is not valid JSON: nested too deeply") from None
 
 
+
+# ----------------------------------------------------------------------------------------------- config fields
+
+def check_config_fields(config: Mapping[str, Any], where: str = "config.json") -> None:
+    """Raise :class:`ConfigFieldError` ``"<where>: <field> is <value> (<its type>); expected <type>"`` for the first
+    field of :data:`CONFIG_FIELDS` (of the config's ``model_type``) that holds something else.
+
+    >>> check_config_fields({"model_type": "bert", "hidden_size": "16"}, "m/config.json")
+    Traceback (most recent call last):
+    converters.config_fields.ConfigFieldError: m/config.json: hidden_size is "16" (a string); expected a positive integer
+    """
+    check_fields(config, config_fields_of(config.get("model_type")), where)
+
+
 def _read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
@@ -333,24 +130,8 @@ def _read_config(folder: str) -> dict:
     config = read_json_file(path, "config")
     if not isinstance(config, dict):
         raise ConversionError(f"config {path} holds a JSON {type(config).__name__}; expected an object")
+    check_config_fields(config, path)
     return config
-
-
-_LAYER_KEYS = {
-    "bert": re.compile(r"^(?:bert\.|roberta\.)?encoder\.layer\.(\d+)\."),
-    "roberta": re.compile(r"^(?:bert\.|roberta\.)?encoder\.layer\.(\d+)\."),
-    "clip_vision": re.compile(r"^vision_model\.encoder\.layers\.(\d+)\."),
-}
-
-
-def _config_layers(kind: str, config: Mapping[str, Any]) -> tuple[str, Any]:
-    """``(config field, value)`` of the layer count the model would be built with (its defaults included)."""
-    if kind in ("bert", "roberta"):
-        return "num_hidden_layers", config.get("num_hidden_layers", 12)
-    vision = config.get("vision_config") if config.get("model_type") == "clip" else config
-    vision = vision if isinstance(vision, Mapping) else {}
-    field = "vision_config.num_hidden_layers" if config.get("model_type") == "clip" else "num_hidden_layers"
-    return field, vision.get("num_hidden_layers", 12)
 
 
 def check_config_matches_keys(config: Mapping[str, Any], keys, where: str = "checkpoint") -> None:
@@ -358,10 +139,11 @@ def check_config_matches_keys(config: Mapping[str, Any], keys, where: str = "che
     keys hold. Cheap (keys only), so it runs before any model is built: a config claiming 100000 layers over two
     layers of weights fails at once instead of tracing a huge model."""
     kind = model_kind_of(config)
-    pattern = _LAYER_KEYS.get(kind)
+    family = kind_module(kind)
+    pattern = family.layer_key(kind)
     if pattern is None:
         return
-    field, claimed = _config_layers(kind, config)
+    field, claimed = family.layer_field(config)
     if type(claimed) is not int or claimed < 0:
         raise ConversionError(f"{where}: config.json {field} is {claimed!r}; expected a non-negative integer")
     found = {int(m.group(1)) for k in keys for m in [pattern.match(k)] if m}
@@ -380,7 +162,7 @@ def load_hf_folder(folder: str, *, dtype=np.float32, progress: bool = False
     try:
         infos = st.list_tensors(folder)
     except st.SafetensorsError as e:
-        raise ConversionError(f"{folder}: no readable safetensors weights ({e})") from None
+        raise ConversionError(f"no readable safetensors weights: {e}") from None  # e names the file
     check_config_matches_keys(config, infos, where=folder)
     from tqdm.auto import tqdm
 

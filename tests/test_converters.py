@@ -354,6 +354,7 @@ def test_state_dict_pickle_and_open_clip_infer(tmp_path):
 def test_converters_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import converters.hf, converters.open_clip, converters.pickled_checkpoints, converters.safetensors_io\n"
+            "import converters.bert_clip, converters.blip, converters.decoder\n"
             "import catmerge_jax.models\nprint('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -378,3 +379,85 @@ def test_pickle_cannot_tamper_with_the_allow_list(tmp_path, payload, match):
     torch = pytest.importorskip("torch")
     torch.save({"w": torch.arange(3.0)}, path)
     np.testing.assert_array_equal(load_task_vectors_checkpoint(path)["w"], [0.0, 1.0, 2.0])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The family table: hf.py names no family, and the converters import no cycle
+
+def _converter_imports() -> dict[str, set[str]]:
+    """``converters.<m>`` → the ``converters.*`` modules it imports (at the top or in a function), from its source."""
+    import ast
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "converters")
+    modules = {f"converters.{f[:-3]}": os.path.join(root, f) for f in os.listdir(root)
+               if f.endswith(".py") and f != "__init__.py"}
+    graph = {}
+    for name, path in modules.items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found |= {f"{node.module}.{a.name}" for a in node.names}  # from converters import hf
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_converters_import_no_cycle():
+    graph = _converter_imports()
+    state: dict[str, str] = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            assert state.get(n) != "open", f"import cycle: {' -> '.join(stack + [m, n])}"
+            if n not in state:
+                visit(n, stack + [m])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    family_modules = set(__import__("converters.families").families.FAMILY_MODULES.values())
+    assert "converters.hf" not in set().union(*(graph[m] for m in family_modules))
+    assert not graph["converters.hf"] & family_modules, "converters.hf imports a family module by name"
+
+
+def test_the_import_cycle_check_sees_a_cycle(monkeypatch):
+    """The check above fails on a cycle (blip importing hf again)."""
+    graph = _converter_imports()
+    graph["converters.blip"].add("converters.hf")
+    graph["converters.hf"].add("converters.blip")
+    monkeypatch.setattr(sys.modules[__name__], "_converter_imports", lambda: graph)
+    with pytest.raises(AssertionError, match="import cycle"):
+        test_converters_import_no_cycle()
+
+
+def test_every_model_type_of_the_family_table_resolves():
+    """Each row's module follows the protocol and claims the kinds it returns; each field table entry is a field
+    type; a fresh process imports each family module first without trouble."""
+    from converters.config_fields import FieldType
+    from converters.families import FAMILY_MODULES, family_module, kind_module
+    from converters.hf import CONFIG_FIELDS
+
+    protocol = ("KINDS", "CONFIG_FIELDS", "kind_of", "build_model", "example_inputs", "state_to_flax", "layer_key",
+                "layer_field")
+    configs = {"blip": {"architectures": ["BlipForConditionalGeneration"]}}
+    for model_type, name in FAMILY_MODULES.items():
+        module = family_module(model_type)
+        assert module.__name__ == name
+        assert all(hasattr(module, attr) for attr in protocol), (name, [a for a in protocol if not hasattr(module, a)])
+        kind = module.kind_of({"model_type": model_type, **configs.get(model_type, {})})
+        assert kind in module.KINDS and kind_module(kind) is module, (model_type, kind)
+        assert all(isinstance(t, FieldType) for t in CONFIG_FIELDS.get(model_type, {}).values())
+    assert kind_module("clip") is None and family_module("gpt2") is None
+    assert set(CONFIG_FIELDS) == {"bert", "roberta", "xlm-roberta", "camembert", "clip", "clip_vision_model", "blip"}
+    # converters.blip first: it is the module that used to import converters.hf back.
+    first_blip = sorted(set(FAMILY_MODULES.values()), key=lambda m: m != "converters.blip")
+    code = "; ".join(f"import {m}" for m in first_blip)
+    res = subprocess.run([sys.executable, "-c", code + "; print('ok')"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
