@@ -71,7 +71,7 @@ def main(argv=None):
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
-    # --- the pod recipe (README, "On many processes") ---
+    # --- the pod recipe (docs/pods.md, "On many processes") ---
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     pretrained, finetuned, stats = load_inputs()       # the same inputs on every process
     mesh = layer_mesh()                                 # all devices of all processes

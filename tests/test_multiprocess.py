@@ -1,6 +1,6 @@
 """The sharded CAT merge on 2 processes × 4 CPU devices equals the one-process merge.
 
-``experiments/pod_merge.py`` (the README's pod recipe) is started twice on localhost with
+``experiments/pod_merge.py`` (the pod recipe of docs/pods.md) is started twice on localhost with
 ``jax.distributed.initialize`` (gloo CPU collectives): the 10 linear layers of its model are spread over the 8
 devices of both processes, and each process writes the merged tree it ends with. Both must hold the same tree,
 equal to ``cm.cat_merge`` computed here in one process on one device.
@@ -21,7 +21,7 @@ from catmerge_jax.tree import leaves_with_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "pod_merge.py")
-README = os.path.join(ROOT, "README.md")
+README = os.path.join(ROOT, "docs", "pods.md")   # the pod recipe's page
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
 TIMEOUT_S = 240
 
@@ -105,11 +105,11 @@ def test_two_processes_equal_one_process_merge(tmp_path):
 
 
 def test_readme_pod_recipe_is_the_tested_script():
-    """The README's many-process recipe is, line for line, the recipe block of experiments/pod_merge.py."""
+    """docs/pods.md's many-process recipe is, line for line, the recipe block of experiments/pod_merge.py."""
     source = open(SCRIPT).read()
     block = re.search(r"# --- the pod recipe.*?---\n(.*?)\n\s*# --- end of the recipe ---", source, re.S).group(1)
     recipe = textwrap.dedent(block).strip()
     readme = open(README).read()
     section = readme[readme.index("On many processes"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert recipe in code, f"README's pod recipe differs from {SCRIPT}'s:\n{recipe}"
+    assert recipe in code, f"docs/pods.md's pod recipe differs from {SCRIPT}'s:\n{recipe}"

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import pathlib
-import re
 
 import jax
 
 from tests import tree_reference
+from tests.doc_blocks import page_blocks, run_page
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_readme_python_example_runs_and_merges():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = [b for b in page_blocks((ROOT / "README.md").read_text(encoding="utf-8")) if b.lang == "python"]
     assert blocks, "README has no python example"
-    example = blocks[0]
-    assert len(example.strip().splitlines()) <= 16
-    namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
+    assert len(blocks[0].code.strip().splitlines()) <= 16
+    # every python block of the README in order, printed output checked where it is shown (the docs tests'
+    # runner: tests/test_docs.py leaves the README to this test)
+    namespace = run_page("README.md")
     merged, baseline, pretrained = namespace["merged"], namespace["baseline"], namespace["pretrained"]
     assert jax.tree.structure(merged) == jax.tree.structure(pretrained)
     # The float64 CAT merge of the example's own models and statistics (alpha 0.3, λ 5, c 3 as written there). The

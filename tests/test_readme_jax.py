@@ -1,4 +1,5 @@
-"""The README's "Using it from JAX code" recipes run as written (after the 15-line example) and do what they say."""
+"""docs/jax.md, "Using it from JAX code": its recipes run as written (after the README's 15-line example, which the
+page repeats) and do what they say. This test runs that page for the documentation tests (tests/test_docs.py)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,22 @@ import numpy as np
 import pytest
 
 import catmerge_jax as cm
+from tests.doc_blocks import page_blocks, run_page
 from tests.test_cat_one_answer import _reference_positive_merge
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+PAGE = "docs/jax.md"
+
+
 @pytest.fixture(scope="module")
 def recipes():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    first = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
-    section = text.split("## Using it from JAX code", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) >= 7, "expected the jit/vmap/grad, cat_trim, AdaMerging, nnx, equinox, scan, orbax recipes"
-    namespace: dict = {}
-    for i, code in enumerate([first] + blocks):
-        exec(compile(code, f"README.md block {i}", "exec"), namespace)
-    return namespace
+    blocks = [b for b in page_blocks((ROOT / PAGE).read_text(encoding="utf-8")) if b.lang == "python"]
+    readme = [b for b in page_blocks((ROOT / "README.md").read_text(encoding="utf-8")) if b.lang == "python"]
+    assert blocks[0].code == readme[0].code, f"{PAGE}'s first block is not the README's 15-line example"
+    assert len(blocks) >= 8, "expected the example, jit/vmap/grad, cat_trim, AdaMerging, nnx, equinox, scan, orbax"
+    return run_page(PAGE)             # every block in order, printed output checked where the page shows it
 
 
 def _first_layer_reference(w0_in_out, task_kernels_in_out, exemplars, alpha):
