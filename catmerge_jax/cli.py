@@ -4,17 +4,24 @@
 ::
 
     catmerge merge --method {cat,task_arithmetic,ties,average,...} --base DIR --task DIR [--task DIR ...]
-                   [--exemplars FILE [--exemplars FILE ...]] [--alpha A] [--lam L] [--c C] [--quiet] --out DIR
-    catmerge roles --base DIR
+                   [--exemplars FILE [--exemplars FILE ...]] [--alpha A] [--lam L] [--c C] [--quiet]
+                   [--role PATTERN=ROLE ...] --out DIR
+    catmerge merge --config RECIPE.yaml --out DIR [--overwrite] [--quiet]   # a MergeKit recipe (docs/mergekit.md)
+    catmerge roles --base DIR [--role PATTERN=ROLE ...]
+
+``--base``/``--task`` take folders or Hugging Face hub IDs found in the local hub cache. Data-free methods merge
+folders of any architecture tensor by tensor, out of core (:mod:`catmerge_jax.folder_methods`; roles from
+:mod:`catmerge_jax.torch_roles`); bert, roberta, clip and blip folders also take the exemplar methods.
     catmerge example [--out DIR] [--quiet]
 
 ``--method`` lists every registered method (:func:`catmerge_jax.methods.registry.available_methods`). Each
 method keeps its own defaults (``MergeMethod.defaults``: alpha 0.3 for task arithmetic and CAT, lam 5, c 3; TIES
-keeps the top 20% with alpha 1); ``--alpha/--lam/--c`` reach the methods that take them, ``--hparam NAME=VALUE``
-sets any other (checked like the flags; ``stats``, ``roles``, ``progress`` and a method's computed inputs are
-reserved). Errors a user can fix print one line to stderr and exit with status 2; Ctrl-C exits 130 and SIGTERM 143,
-both after removing the run's temporary folder. What ``--out`` may be is checked before any work
-(:func:`catmerge_jax.pipeline.prepare_output`).
+keeps the top 20% with alpha 1); ``--alpha`` is the merge scale (``MergeMethod.scale_name``; refused for a method
+without one, such as RegMean, whose ``alpha`` is set with ``--hparam alpha=...``), ``--lam/--c`` reach the methods
+that take them, ``--hparam NAME=VALUE`` sets any other (checked like the flags; ``stats``, ``roles``, ``progress``
+and a method's computed inputs are reserved). Errors a user can fix print one line to stderr and exit with status
+2; Ctrl-C exits 130 and SIGTERM 143, both after removing the run's temporary folder. What ``--out`` may be is
+checked before any work (:func:`catmerge_jax.pipeline.prepare_output`).
 """
 
 from __future__ import annotations
@@ -30,11 +37,41 @@ import threading
 import time
 from typing import Any, Sequence
 
-import catmerge_jax.methods  # noqa: F401 — importing the package registers every method
 from catmerge_jax.errors import CatMergeError, HyperparameterError
-from catmerge_jax.methods.registry import available_methods, get_method
+from catmerge_jax.stagetimes import StageTimes
 
 EXIT_USAGE = 2
+
+
+# The method table is read on first use: importing it imports JAX and every method (about a second), which
+# `catmerge --help`, `catmerge roles` and a mistyped command line do not need.
+def _registry():
+    import catmerge_jax.methods  # noqa: F401 — importing the package registers every method
+    from catmerge_jax.methods import registry
+
+    return registry
+
+
+def available_methods() -> list[str]:
+    return _registry().available_methods()
+
+
+def get_method(name: str):
+    return _registry().get_method(name)
+
+
+def merge_scale_name(method) -> str | None:
+    return _registry().merge_scale_name(method)
+
+
+class _MethodNames:
+    """``--method``'s argparse choices, read from the method table only when argparse needs them."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in available_methods()
+
+    def __iter__(self):
+        return iter(available_methods())
 
 
 def _hparam(text: str) -> tuple[str, Any]:
@@ -50,6 +87,16 @@ def _hparam(text: str) -> tuple[str, Any]:
         except ValueError:
             parsed = value.strip()
     return name.strip(), parsed
+
+
+def _role(text: str) -> tuple[str, str]:
+    """``PATTERN=ROLE`` of ``--role`` (:func:`catmerge_jax.torch_roles.parse_role_override`)."""
+    from catmerge_jax.torch_roles import RoleError, parse_role_override
+
+    try:
+        return parse_role_override(text)
+    except RoleError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 RESERVED_HPARAMS = ("stats", "roles", "progress", "pretrained", "finetuned")
@@ -82,10 +129,13 @@ def _check_value(flag: str, name: str, value: Any, default: Any = None) -> None:
 
 
 def check_hparams(method, given: dict[str, Any], extra: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    """Validate the flags and the ``--hparam`` pairs the same way; returns the ``--hparam`` settings as a dict."""
+    """Validate the flags and the ``--hparam`` pairs the same way; returns the ``--hparam`` settings as a dict.
+
+    ``given`` maps flag names to values; ``--alpha`` sets the method's merge scale keyword."""
+    keyword_of = {"alpha": merge_scale_name(method)}
     for name, value in given.items():
         if value is not None:
-            _check_value(f"--{name}", name, value, method.defaults.get(name))
+            _check_value(f"--{name}", name, value, method.defaults.get(keyword_of.get(name, name)))
     out: dict[str, Any] = {}
     for name, value in extra:
         flag = f"--hparam {name}"
@@ -95,8 +145,9 @@ def check_hparams(method, given: dict[str, Any], extra: Sequence[tuple[str, Any]
             raise HyperparameterError(f"{flag}: '{name}' is not a hyperparameter name")
         if name in out:
             raise HyperparameterError(f"{flag} is given twice")
-        if given.get(name) is not None:
-            raise HyperparameterError(f"{flag} repeats --{name}; give it once")
+        repeated = [f for f, v in given.items() if v is not None and keyword_of.get(f, f) == name]
+        if repeated:
+            raise HyperparameterError(f"{flag} repeats --{repeated[0]}; give it once")
         _check_value(flag, name, value, method.defaults.get(name))
         out[name] = value
     return out
@@ -108,15 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{merge,roles,example}")
 
     merge = sub.add_parser("merge", help="merge fine-tuned task folders into one model folder")
-    merge.add_argument("--method", required=True, choices=available_methods(), help="registered merging method")
-    merge.add_argument("--base", required=True, metavar="DIR", help="pretrained Hugging Face model folder")
-    merge.add_argument("--task", required=True, action="extend", nargs="+", metavar="DIR",
-                       help="fine-tuned model folder (repeat once per task)")
+    # metavar: argparse lists the choices only when it prints them (the help below), so the table loads then
+    merge.add_argument("--method", choices=_MethodNames(), metavar="METHOD",
+                       help="registered merging method (required without --config): %(choices)s")
+    merge.add_argument("--base", metavar="DIR", help="pretrained Hugging Face model folder (required without --config)")
+    merge.add_argument("--task", action="extend", nargs="+", metavar="DIR",
+                       help="fine-tuned model folder (repeat once per task; required without --config)")
+    merge.add_argument("--config", metavar="RECIPE.yaml", help="a MergeKit recipe (merge_method, base_model, models, "
+                       "parameters, dtype, ...; see docs/mergekit.md) instead of --method/--base/--task")
     merge.add_argument("--exemplars", action="extend", nargs="+", metavar="FILE", default=None,
                        help="one exemplar file per task, in --task order: UTF-8 text with one example per line "
                             "(text models) or a float32 .npy (N, H, W, 3) of preprocessed pixels (vision models), "
                             'or JSON Lines of {"image": PATH, "text": TEXT} (BLIP; paths relative to the file)')
-    merge.add_argument("--alpha", type=float, help="merge scale (method default if omitted)")
+    merge.add_argument("--alpha", type=float, help="merge scale: W0 + alpha * merged task vector (method default if "
+                       "omitted; refused for a method without one, e.g. regmean: use --hparam alpha=...)")
     merge.add_argument("--lam", type=float, help="CAT trade-off lambda >= 0 (default 5)")
     merge.add_argument("--c", type=int, help="CAT basis / mask size (default 3)")
     merge.add_argument("--hparam", action="append", type=_hparam, default=[], metavar="NAME=VALUE",
@@ -124,12 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--feature-scale", type=float, default=1.0, metavar="S",
                        help="capture features with W0 + S*T_k (1 = the paper's task-k model)")
     merge.add_argument("--batch-size", type=int, default=16, help="exemplars per forward pass")
+    merge.add_argument("--role", action="append", type=_role, default=[], metavar="PATTERN=ROLE",
+                       help="role of the tensors matching PATTERN (fnmatch; as `catmerge roles` names them): linear, "
+                            "linear_in_out, scale, shift or other")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     merge.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     merge.add_argument("--out", required=True, metavar="DIR", help="output model folder")
 
     roles = sub.add_parser("roles", help="print the CAT role of every parameter of a model folder")
-    roles.add_argument("--base", required=True, metavar="DIR", help="Hugging Face model folder")
+    roles.add_argument("--base", required=True, metavar="DIR", help="Hugging Face model folder or cached hub ID")
+    roles.add_argument("--role", action="append", type=_role, default=[], metavar="PATTERN=ROLE",
+                       help="override the role of the tensors matching PATTERN (as for merge)")
 
     example = sub.add_parser("example", help="run the built-in offline example (all-MiniLM-L6-v2, 3 tiny tasks)")
     example.add_argument("--out", default=None, metavar="DIR", help="keep the example's folders here")
@@ -137,38 +198,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMPILING_COMMANDS = ("merge", "example")
+"""Commands that run JAX programs, so turn on the persistent compilation cache."""
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    """``catmerge merge --config RECIPE.yaml --out DIR``: a MergeKit recipe (:mod:`catmerge_jax.recipes`)."""
+    from catmerge_jax import recipes
+
+    given = [flag for flag, value in (("--method", args.method), ("--base", args.base), ("--task", args.task),
+                                      ("--exemplars", args.exemplars), ("--alpha", args.alpha), ("--lam", args.lam),
+                                      ("--c", args.c), ("--hparam", args.hparam), ("--role", args.role)) if value]
+    if given:
+        raise recipes.RecipeError(f"--config takes the method, models and parameters from the recipe; drop "
+                                  f"{', '.join(given)}")
+    recipe = recipes.load_recipe(args.config)
+    out = recipes.run_recipe(recipe, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if not args.quiet:
+        print(f"merged {len(recipe.inputs)} model(s) with MergeKit's {recipe.method} ({args.config}) -> {out}")
+    return 0
+
+
 def run_merge(args: argparse.Namespace) -> int:
     from catmerge_jax import pipeline
 
+    if args.config is not None:
+        return run_recipe(args)
+    missing = [flag for flag, value in (("--method", args.method), ("--base", args.base), ("--task", args.task))
+               if not value]
+    if missing:
+        raise pipeline.InputError(f"the following arguments are required: {', '.join(missing)} (or --config "
+                                  "RECIPE.yaml)")
     method = get_method(args.method)
     given = {"alpha": args.alpha, "lam": args.lam, "c": args.c}
-    # Cheap checks before any checkpoint is read (the method validates again).
+    # Cheap checks before any checkpoint is read (the method validates again); --alpha on a method without a
+    # merge scale is refused here.
+    hparams, ignored = pipeline.resolve_hparams(method, given)
     extra = check_hparams(method, given, args.hparam)
     if args.batch_size < 1:
         raise HyperparameterError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not math.isfinite(args.feature_scale):
         raise HyperparameterError(f"--feature-scale must be a finite number, got {args.feature_scale}")
-    hparams, ignored = pipeline.resolve_hparams(method, given)
     # Any other keyword of the method (e.g. cat's joint=True); the method rejects names it does not take.
     hparams.update(extra)
     if ignored and not args.quiet:
         print(f"note: method '{method.name}' takes no {', '.join('--' + n for n in ignored)}; ignored",
               file=sys.stderr)
+    stages = StageTimes()
     out = pipeline.merge_folders(method.name, args.base, args.task, args.exemplars, args.out, hparams=hparams,
                                  feature_scale=args.feature_scale, batch_size=args.batch_size,
-                                 overwrite=args.overwrite, progress=not args.quiet)
+                                 roles=dict(args.role) or None, overwrite=args.overwrite, progress=not args.quiet,
+                                 stages=stages)
     if not args.quiet:
         settings = {**method.defaults, **hparams}
         shown = ", ".join(f"{k}={v}" for k, v in settings.items())
         print(f"merged {len(args.task)} task(s) with {method.name} ({shown}) -> {out}")
+        if "load" in stages.seconds:  # the in-memory path timed its stages (streamed merges have their own bars)
+            print(stages.line())
     return 0
 
 
 def run_roles(args: argparse.Namespace) -> int:
-    from catmerge_jax import pipeline
-    from catmerge_jax.roles import role_table
+    from catmerge_jax.folder_methods import folder_role_table
 
-    print(role_table(pipeline.load_checkpoint(args.base).params))
+    print(folder_role_table(args.base, dict(args.role) or None))
     return 0
 
 
@@ -230,6 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     user can fix (one line on stderr), 130 after SIGINT (Ctrl-C), 143 after SIGTERM."""
     args = build_parser().parse_args(argv)
     handlers = {"merge": run_merge, "roles": run_roles, "example": run_example}
+    if args.command in COMPILING_COMMANDS:
+        # Programs compiled once per machine (JAX's persistent cache in the user's cache folder;
+        # CATMERGE_COMPILATION_CACHE=0 turns it off): docs/performance.md.
+        from catmerge_jax.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         with _sigterm_as_interrupt():
             return handlers[args.command](args)

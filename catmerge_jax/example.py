@@ -287,18 +287,69 @@ def zero_shot_head(functions: Functions, backbone: PyTree, descriptions: tuple, 
     return {"kernel": np.asarray(settings.head_scale * e.T, np.float32), "bias": np.zeros((2,), np.float32)}
 
 
+WORD_TABLE = ("embeddings", "word_embeddings", "embedding")
+"""Where a BERT backbone keeps its word-embedding table (``(vocab, d)``)."""
+
+
+class TrainedRows(NamedTuple):
+    """Fine-tuning on the rows of the word-embedding table that the training sentences use (:func:`trained_rows`):
+    ``rows``, sorted vocabulary ids; ``functions``, a model whose table holds only those rows."""
+
+    rows: np.ndarray
+    functions: Functions
+
+
+def trained_rows(base, sentences_ids: Sequence[np.ndarray]) -> TrainedRows | None:
+    """The word-embedding rows every task's training batch uses (their union, so one compiled step serves all
+    tasks), with the functions of a model that holds only them; ``None`` for a model without a BERT word table.
+
+    Full-batch Adam on the whole table is the same computation: a row no batch uses has a zero gradient at every
+    step, so its Adam moments stay zero and its update is exactly 0; a row only other tasks use stays put the same
+    way. The whole 30522-row table (half of all-MiniLM-L6-v2's parameters) then never goes through the gradient
+    and the optimizer.
+    """
+    node = base.params
+    for key in WORD_TABLE:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    if base.kind != "bert":  # RoBERTa derives position ids from the token ids: keep its ids as they are
+        return None
+    rows = np.unique(np.concatenate([np.ravel(ids) for ids in sentences_ids]))
+    small = dataclasses.replace(base, config={**base.config, "vocab_size": int(rows.size)})
+    return TrainedRows(rows, make_functions(small.model()))
+
+
+def _with_word_table(params: PyTree, table: Any) -> PyTree:
+    emb = dict(params[WORD_TABLE[0]])
+    emb[WORD_TABLE[1]] = {**emb[WORD_TABLE[1]], WORD_TABLE[2]: table}
+    return {**params, WORD_TABLE[0]: emb}
+
+
 def fine_tune(base_params: PyTree, head: dict, data: tuple, settings: ExampleSettings, functions: Functions, *,
-              progress: bool, desc: str) -> PyTree:
-    """Full-batch Adam on the backbone only, with the task's frozen head, on ``data = (ids, mask, types, labels)``."""
+              progress: bool, desc: str, rows: TrainedRows | None = None) -> PyTree:
+    """Full-batch Adam on the backbone only, with the task's frozen head, on ``data = (ids, mask, types, labels)``;
+    with ``rows`` (:func:`trained_rows`), on the word-embedding rows the sentences use (the same result)."""
     from tqdm.auto import tqdm
 
+    table = None
+    if rows is not None:
+        table = np.asarray(base_params[WORD_TABLE[0]][WORD_TABLE[1]][WORD_TABLE[2]])
+        base_params = _with_word_table(base_params, table[rows.rows])
+        data = (np.searchsorted(rows.rows, data[0]).astype(np.asarray(data[0]).dtype), *data[1:])
+        functions = rows.functions
     backbone = jax.tree.map(jnp.asarray, base_params)
     opt_state = functions.init_opt(backbone)
     lr = jnp.asarray(settings.backbone_lr, jnp.float32)
     batch = tuple(jnp.asarray(x) for x in data)
     for _ in tqdm(range(settings.steps), desc=desc, unit="step", disable=not progress, leave=False):
         backbone, opt_state, _ = functions.train_step(backbone, head, opt_state, batch, lr)
-    return jax.tree.map(np.asarray, backbone)
+    backbone = jax.tree.map(np.asarray, backbone)
+    if table is not None:
+        full = table.copy()
+        full[rows.rows] = backbone[WORD_TABLE[0]][WORD_TABLE[1]][WORD_TABLE[2]]
+        backbone = _with_word_table(backbone, full)
+    return backbone
 
 
 def scores(functions: Functions, backbone: PyTree, head: PyTree, data: tuple) -> tuple[float, float]:
@@ -385,15 +436,17 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
         data, heads, task_dirs, exemplar_files, finetuned = {}, {}, [], [], []
         os.makedirs(os.path.join(root, "exemplars"), exist_ok=True)
         for name in settings.tasks:
-            task = TASKS[name]
-            train_text, train_y = _split(task, "train")
-            test_text, test_y = _split(task, "test")
+            train_text, train_y = _split(TASKS[name], "train")
+            test_text, test_y = _split(TASKS[name], "test")
             data[name] = {"train": (*tokenize(tokenizer, train_text, settings.max_length), train_y),
                           "test": (*tokenize(tokenizer, test_text, settings.max_length), test_y)}
+        rows = trained_rows(base, [data[name]["train"][0] for name in settings.tasks])
+        for name in settings.tasks:
+            task = TASKS[name]
             heads[name] = zero_shot_head(functions, base.params, task["descriptions"], settings, tokenizer)
             lap("load")
             backbone = fine_tune(base.params, heads[name], data[name]["train"], settings, functions,
-                                 progress=progress, desc=f"fine-tune {name}")
+                                 progress=progress, desc=f"fine-tune {name}", rows=rows)
             finetuned.append(backbone)
             lap("fine-tune")
             task_dir = os.path.join(root, "tasks", name)
@@ -430,13 +483,14 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
                                                              hparams=hparams, progress=progress)
             lap(f"merge {method}")
 
-        backbones = {"pretrained": base.params}
-        backbones.update({m: pipeline.load_checkpoint(d).params for m, d in merged_dirs.items()})
+        # on the device once, not once per task and column
+        backbones = {"pretrained": jax.device_put(base.params)}
+        backbones.update({m: jax.device_put(pipeline.load_checkpoint(d).params) for m, d in merged_dirs.items()})
         table: dict[str, dict[str, float]] = {}
         losses: dict[str, dict[str, float]] = {}
         for name, backbone in zip(settings.tasks, finetuned):
             test = data[name]["test"]
-            columns = {"pretrained": backbones["pretrained"], "individual": backbone,
+            columns = {"pretrained": backbones["pretrained"], "individual": jax.device_put(backbone),
                        **{m: backbones[m] for m in settings.methods}}
             both = {c: scores(functions, b, heads[name], test) for c, b in columns.items()}
             table[name] = {c: acc for c, (acc, _) in both.items()}
@@ -448,6 +502,10 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
         for alpha in settings.alpha_sweep if "cat" in vectors else ():  # the comparison needs CAT's vectors
             sweep[alpha] = {}
             for method in ("task_arithmetic", "cat"):
+                if alpha == settings.alpha and method in settings.methods:  # the merges the tables just scored
+                    sweep[alpha][method] = {"accuracy": float(np.mean([table[t][method] for t in settings.tasks])),
+                                            "loss": float(np.mean([losses[t][method] for t in settings.tasks]))}
+                    continue
                 merged = cm.combine(base.params, vectors[method], alpha)
                 accuracies, cross_entropies = zip(*(scores(functions, merged, *t) for t in tests))
                 sweep[alpha][method] = {"accuracy": float(np.mean(accuracies)),

@@ -25,10 +25,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from catmerge_jax.capture import Capture, capture_stats, make_capture
 from catmerge_jax.errors import CatMergeError, HyperparameterError, NonFiniteError, TreeMismatchError
-from catmerge_jax.methods.registry import MergeMethod, get_method
+from catmerge_jax.methods.registry import MergeMethod, get_method, merge_scale_name
 from catmerge_jax.roles import Overrides
+from catmerge_jax.stagetimes import StageTimes
 from catmerge_jax.tree import PyTree, check_same_structure, tree_add, tree_scale, tree_sub
 
 TEXT_KINDS = ("bert", "roberta")
@@ -39,7 +39,8 @@ MAX_TOKENS = 128
 """Text exemplars are truncated to this many tokens (special tokens included)."""
 
 CLI_HPARAMS = ("alpha", "lam", "c")
-"""Hyperparameters the CLI exposes as flags; a method receives those it declares in ``MergeMethod.defaults``."""
+"""Hyperparameters the CLI exposes as flags; a method receives those it declares in ``MergeMethod.defaults``
+(``alpha`` is the merge scale: it goes to ``MergeMethod.scale_name``, see :func:`resolve_hparams`)."""
 
 
 class InputError(CatMergeError):
@@ -154,6 +155,14 @@ def read_text_exemplars(path: str | os.PathLike, tokenizer_folder: str | os.Path
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise InputError(f"the tokenizer of {folder} has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{vocab_size}: they do not belong together")
+    # Decoder tokenizers often have no pad token or pad on the left. Padding never counts, so any id pads; padding
+    # on the right keeps each exemplar's positions 0, 1, ... as in an unpadded run.
+    if getattr(tokenizer, "pad_token", None) is None:
+        filler = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+        if filler is None:
+            raise InputError(f"the tokenizer of {folder} has no pad, EOS or unknown token to pad exemplars with")
+        tokenizer.pad_token = filler
+    tokenizer.padding_side = "right"
     # Lengths padded to a multiple of 16 so tasks share compiled shapes; padding never counts (token_mask).
     enc = tokenizer(lines, padding=True, truncation=True, max_length=max_length, add_special_tokens=True,
                     pad_to_multiple_of=16, return_tensors="np")
@@ -174,7 +183,15 @@ def read_text_exemplars(path: str | os.PathLike, tokenizer_folder: str | os.Path
 
 
 def load_tokenizer(folder: str | os.PathLike):
-    """``transformers.AutoTokenizer`` from a local folder only (never the network)."""
+    """The folder's tokenizer, from a local folder only (never the network): read by the ``tokenizers`` package
+    from ``tokenizer.json`` where that gives exactly transformers' result (BERT-style WordPiece,
+    :func:`catmerge_jax.tokenizer.load_fast_tokenizer`; seconds faster than importing transformers), else
+    ``transformers.AutoTokenizer``."""
+    from catmerge_jax.tokenizer import load_fast_tokenizer
+
+    fast = load_fast_tokenizer(folder)
+    if fast is not None:
+        return fast
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
@@ -249,7 +266,19 @@ def read_exemplars(path: str | os.PathLike, base: Checkpoint) -> Exemplars:
         return read_image_exemplars(path, image_size=model.config.image_size, channels=model.config.num_channels)
     if base.kind in VL_KINDS:
         return read_vl_exemplars(path, base)
+    if is_decoder_kind(base.kind):
+        from catmerge_jax.llm import read_decoder_exemplars
+
+        vocab = base.config.get("vocab_size")
+        return read_decoder_exemplars(path, base.folder, vocab_size=vocab if type(vocab) is int else None)
     raise InputError(f"no exemplar reader for model kind {base.kind!r}")
+
+
+def is_decoder_kind(kind: str) -> bool:
+    """Whether ``kind`` is a decoder LLM family (:mod:`catmerge_jax.models.decoder`): inputs ``(ids, mask)``."""
+    from catmerge_jax.models.decoder import FAMILIES
+
+    return kind in FAMILIES
 
 
 def read_vl_exemplars(path: str | os.PathLike, base: Checkpoint) -> Exemplars:
@@ -290,6 +319,8 @@ def feature_params(pretrained: PyTree, finetuned: PyTree, feature_scale: float =
 def task_statistics(capture: Capture, params: PyTree, exemplars: Exemplars, *, roles: Overrides = None,
                     batch_size: int = 16, progress: bool = False) -> PyTree:
     """One task's stats tree: :func:`capture_stats` of ``params`` on its exemplars."""
+    from catmerge_jax.capture import capture_stats  # imported where used: data-free merges never load it
+
     return capture_stats(capture, params, *exemplars.inputs, token_mask=exemplars.token_mask, roles=roles,
                          batch_size=batch_size, progress=progress)
 
@@ -299,7 +330,7 @@ def _model_output(kind: str, out: Any, mask: Any) -> Any:
     if kind in TEXT_KINDS:
         states = out.last_hidden_state * mask[..., None].astype(out.last_hidden_state.dtype)
         return (states,) if out.pooler_output is None else (states, out.pooler_output)
-    if kind in VL_KINDS:  # decoder logits of real tokens
+    if kind in VL_KINDS or is_decoder_kind(kind):  # decoder logits of real tokens
         return (out.logits * mask[..., None].astype(out.logits.dtype),)
     return (out.pooled,)
 
@@ -313,8 +344,8 @@ def _fisher_provider(base: Checkpoint) -> Callable[[PyTree, Exemplars, bool], Py
 
     def apply_fn(params, x):
         out = model.apply({"params": params}, *x)
-        return _model_output(base.kind, out, x[1] if base.kind in TEXT_KINDS else x[2] if base.kind in VL_KINDS
-                             else None)
+        return _model_output(base.kind, out, x[1] if base.kind in TEXT_KINDS or is_decoder_kind(base.kind)
+                             else x[2] if base.kind in VL_KINDS else None)
 
     def fisher(finetuned: PyTree, exemplars: Exemplars, progress: bool) -> PyTree:
         return unlabeled_fisher(apply_fn, finetuned, tuple(exemplars.inputs), batch_size=4, progress=progress)
@@ -329,20 +360,37 @@ that, given the base checkpoint, returns ``(task params, exemplars, progress) ->
 
 
 def resolve_hparams(method: MergeMethod, given: Mapping[str, Any]) -> tuple[dict, list[str]]:
-    """The hyperparameters to pass: those in ``given`` (not ``None``) that ``method`` declares in its defaults.
+    """The hyperparameters to pass for the CLI flags ``given`` (:data:`CLI_HPARAMS`; ``None``: not given).
 
-    Returns ``(hparams, ignored)``: everything else keeps the method's own default; ``ignored`` names the given
-    values the method does not take (the CLI mentions them rather than failing a uniform command line).
+    ``alpha`` is the merge scale: it goes to the method's declared scale keyword
+    (:func:`~catmerge_jax.methods.registry.merge_scale_name`), and a method without one refuses it
+    (:class:`HyperparameterError`, pointing to ``--hparam alpha=...`` when the method's own ``alpha`` means
+    something else, e.g. RegMean's Gram shrinkage). Other flags go to the keyword of the same name when ``method``
+    declares it in its defaults. Returns ``(hparams, ignored)``: everything else keeps the method's own default;
+    ``ignored`` names the given flags the method does not take (the CLI mentions them rather than failing a
+    uniform command line).
     """
     hparams, ignored = {}, []
     for name, value in given.items():
         if value is None:
             continue
-        if name in method.defaults:
-            hparams[name] = value
+        keyword = name
+        if name == "alpha":
+            keyword = merge_scale_name(method)
+            if keyword is None:
+                raise HyperparameterError(_no_merge_scale(method))
+        if keyword in method.defaults:
+            hparams[keyword] = value
         else:
             ignored.append(name)
     return hparams, ignored
+
+
+def _no_merge_scale(method: MergeMethod) -> str:
+    if "alpha" in method.defaults:
+        return (f"--alpha is the merge scale and method '{method.name}' has none: its own 'alpha' means something "
+                f"else (default {method.defaults['alpha']}); set that with --hparam alpha=VALUE")
+    return f"--alpha is the merge scale and method '{method.name}' has none; leave --alpha out"
 
 
 def needs_exemplars(method: MergeMethod) -> bool:
@@ -366,7 +414,7 @@ def check_method_inputs(method: MergeMethod, n_tasks: int, n_exemplars: int | No
 def merge_checkpoints(method: str | MergeMethod, base: Checkpoint, tasks: Sequence[Checkpoint],
                       exemplars: Sequence[Exemplars] | None = None, *, hparams: Mapping[str, Any] | None = None,
                       feature_scale: float = 1.0, roles: Overrides = None, batch_size: int = 16,
-                      progress: bool = False) -> PyTree:
+                      progress: bool = False, stages: StageTimes | None = None) -> PyTree:
     """Merge loaded checkpoints with a registered method; returns the merged params (base layout).
 
     Args:
@@ -378,7 +426,10 @@ def merge_checkpoints(method: str | MergeMethod, base: Checkpoint, tasks: Sequen
       feature_scale: features come from ``W0 + feature_scale·T_k`` (1: the paper; the authors' code used alpha).
       roles: role overrides for :func:`catmerge_jax.roles.classify`.
       batch_size: exemplars per capture forward pass.
+      stages: receives the seconds of ``"statistics"`` (capture and exemplar-derived extras) and ``"solve"`` (the
+        method), JAX compile time split out (:class:`catmerge_jax.stagetimes.StageTimes`).
     """
+    stage = (stages or StageTimes()).stage
     m = get_method(method) if isinstance(method, str) else method
     if not tasks:
         raise HyperparameterError("merging needs at least one task checkpoint")
@@ -393,24 +444,29 @@ def merge_checkpoints(method: str | MergeMethod, base: Checkpoint, tasks: Sequen
     kwargs: dict[str, Any] = dict(hparams or {})
     if roles is None:  # roles a layout needs beyond its names (e.g. open_clip's fused q|k|v), from the model itself
         roles = getattr(base.model(), "param_roles", lambda: None)()
-    if m.needs_stats:
-        capture = make_capture(base.model(), rules=capture_rules(base.kind))
-        kwargs["stats"] = [
-            task_statistics(capture, feature_params(base.params, ft, feature_scale), ex, roles=roles,
-                            batch_size=batch_size)
-            for ft, ex in tqdm(list(zip(finetuned, exemplars)), desc="statistics", unit="task", disable=not progress)]
-    for extra in m.extras:
-        provide = EXTRA_PROVIDERS[extra](base)
-        kwargs[extra] = [provide(ft, ex, False)
-                         for ft, ex in tqdm(list(zip(finetuned, exemplars)), desc=extra, unit="task",
-                                            disable=not progress)]
-    try:
-        merged = m.merge(base.params, finetuned, roles=roles, progress=progress, **kwargs)
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise
-        raise HyperparameterError(f"method '{m.name}' does not take that hyperparameter ({e})") from None
-    return jax.tree.map(np.asarray, jax.device_get(merged))
+    with stage("statistics"):
+        if m.needs_stats:
+            from catmerge_jax.capture import make_capture
+
+            capture = make_capture(base.model(), rules=capture_rules(base.kind))
+            kwargs["stats"] = [
+                task_statistics(capture, feature_params(base.params, ft, feature_scale), ex, roles=roles,
+                                batch_size=batch_size)
+                for ft, ex in tqdm(list(zip(finetuned, exemplars)), desc="statistics", unit="task",
+                                   disable=not progress)]
+        for extra in m.extras:
+            provide = EXTRA_PROVIDERS[extra](base)
+            kwargs[extra] = [provide(ft, ex, False)
+                             for ft, ex in tqdm(list(zip(finetuned, exemplars)), desc=extra, unit="task",
+                                                disable=not progress)]
+    with stage("solve"):
+        try:
+            merged = m.merge(base.params, finetuned, roles=roles, progress=progress, **kwargs)
+        except TypeError as e:
+            if "unexpected keyword argument" not in str(e):
+                raise
+            raise HyperparameterError(f"method '{m.name}' does not take that hyperparameter ({e})") from None
+        return jax.tree.map(np.asarray, jax.device_get(merged))
 
 
 def load_tasks(base_dir: str | os.PathLike, task_dirs: Sequence[str | os.PathLike], *,
@@ -521,7 +577,8 @@ def _remove_empty(folders: Sequence[str]) -> None:
 def merge_folders(method: str, base_dir: str | os.PathLike, task_dirs: Sequence[str | os.PathLike],
                   exemplar_files: Sequence[str | os.PathLike] | None, out_dir: str | os.PathLike, *,
                   hparams: Mapping[str, Any] | None = None, feature_scale: float = 1.0, roles: Overrides = None,
-                  batch_size: int = 16, overwrite: bool = False, progress: bool = False) -> str:
+                  batch_size: int = 16, overwrite: bool = False, progress: bool = False,
+                  stages: StageTimes | None = None) -> str:
     """The whole ``catmerge merge``: load, check, read exemplars, capture, merge, write. Returns ``out_dir``.
 
     ``out_dir`` gets ``model.safetensors`` with the base's key names and dtypes plus the base's config and tokenizer
@@ -529,13 +586,35 @@ def merge_folders(method: str, base_dir: str | os.PathLike, task_dirs: Sequence[
     (``.catmerge-tmp-<name>-*`` beside it, made at the start and removed on any failure or interrupt; those of
     earlier runs that were killed are removed first) and renamed into place only if nothing appeared at
     ``out_dir`` meanwhile — or, with ``overwrite``, by renaming the old folder aside. A merged tensor that is NaN
-    or Inf stops the run before anything is written. Files and folders follow the umask.
+    or Inf stops the run before anything is written. Files and folders follow the umask. ``stages`` receives the
+    seconds of ``load``, ``statistics``, ``solve``, ``write`` and ``compile`` (:class:`StageTimes`; the in-memory
+    path only).
     """
     from converters.hf import flax_to_hf_state, write_hf_files
 
     from catmerge_jax import atomic
 
     m = get_method(method)
+    # Hub IDs resolve to their cached snapshot; data-free merges of any folder but bert/roberta/clip/blip
+    # (folder_methods.IN_MEMORY_KINDS) stream tensor by tensor (catmerge_jax.folder_methods).
+    from catmerge_jax import folder_methods
+
+    base_dir = folder_methods.resolve_folder(base_dir)
+    task_dirs = [folder_methods.resolve_folder(t) for t in task_dirs]
+    if folder_methods.streams(m, base_dir):
+        for f in exemplar_files or []:
+            check_exemplar_path(f)
+        return folder_methods.merge_folders_streamed(m, base_dir, task_dirs, out_dir, hparams=hparams, roles=roles,
+                                                     overwrite=overwrite, progress=progress)
+    if isinstance(roles, Mapping):  # role names of the CLI: a Flax kernel is (in, out) whichever name was given
+        roles = {p: ("linear" if v == "linear_in_out" else v) for p, v in roles.items()}
+    # Exemplar merges of decoder LLMs (Llama, Qwen, Gemma, ...) run block by block, out of core (catmerge_jax.llm).
+    from catmerge_jax import llm
+
+    if llm.runs_layerwise(m, base_dir):
+        return llm.merge_folders_layerwise(m, base_dir, task_dirs, exemplar_files, out_dir, hparams=hparams,
+                                           feature_scale=feature_scale, roles=roles, batch_size=batch_size,
+                                           overwrite=overwrite, progress=progress)
     out = prepare_output(out_dir, overwrite=overwrite, inputs=[base_dir, *task_dirs], exemplars=exemplar_files or ())
     accept = atomic.dir_identity(out) if os.path.isdir(out) and not os.listdir(out) else None
     check_method_inputs(m, len(task_dirs), len(exemplar_files) if exemplar_files else None)
@@ -554,17 +633,20 @@ def merge_folders(method: str, base_dir: str | os.PathLike, task_dirs: Sequence[
                 tmp = atomic.make_temp_dir(parent, name)
             except OSError as e:
                 raise InputError(f"cannot write beside --out {out}: {e.strerror or e}") from None
-        base, tasks = load_tasks(base_dir, task_dirs, progress=progress)
-        # Exemplar files are always read when given, so a bad file is reported whatever the method.
-        exemplars = [read_exemplars(f, base) for f in exemplar_files] if exemplar_files else None
+        stages = stages if stages is not None else StageTimes()
+        with stages.stage("load"):
+            base, tasks = load_tasks(base_dir, task_dirs, progress=progress)
+            # Exemplar files are always read when given, so a bad file is reported whatever the method.
+            exemplars = [read_exemplars(f, base) for f in exemplar_files] if exemplar_files else None
         merged = merge_checkpoints(m, base, tasks, exemplars, hparams=hparams, feature_scale=feature_scale,
-                                   roles=roles, batch_size=batch_size, progress=progress)
-        state = flax_to_hf_state(merged, base.meta)
-        check_finite_output(state, base.meta)
-        try:
-            write_hf_files(tmp, state, base.meta, base.folder)
-        except OSError as e:
-            raise InputError(f"cannot write {out}: {e}") from e
+                                   roles=roles, batch_size=batch_size, progress=progress, stages=stages)
+        with stages.stage("write"):
+            state = flax_to_hf_state(merged, base.meta)
+            check_finite_output(state, base.meta)
+            try:
+                write_hf_files(tmp, state, base.meta, base.folder)
+            except OSError as e:
+                raise InputError(f"cannot write {out}: {e}") from e
         try:
             atomic.publish_dir(tmp, out, overwrite=overwrite, accept=accept)
         except atomic.PublishConflict:

@@ -108,14 +108,22 @@ def summarize(merged: Mapping[str, float], individual: Mapping[str, float]) -> d
 
 # ----------------------------------------------------------------------------------------------- methods
 
+PROTOCOL_EXCLUDED_PREFIXES = ("mergekit.",)
+"""Registered methods the paper protocols and the seed benchmark leave out by default: MergeKit's methods
+(:mod:`catmerge_jax.mergekit`) are LLM weight recipes, several of them for exactly two models (SLERP, NearSwap,
+Arcee Fusion) or without a merge scale to tune; they are compared with MergeKit itself in
+``experiments/bench_llm.py``. Name them in ``methods=`` to run them here."""
+
+
 def load_all_methods() -> list[str]:
-    """Import every module of :mod:`catmerge_jax.methods` (each registers its methods) and list the names."""
+    """Import every module of :mod:`catmerge_jax.methods` (each registers its methods) and list the names the
+    protocols compare (every registered method but :data:`PROTOCOL_EXCLUDED_PREFIXES`)."""
     import catmerge_jax.methods as methods
     from catmerge_jax.methods.registry import available_methods
 
     for info in pkgutil.iter_modules(methods.__path__):
         importlib.import_module(f"catmerge_jax.methods.{info.name}")
-    return available_methods()
+    return [m for m in available_methods() if not m.startswith(PROTOCOL_EXCLUDED_PREFIXES)]
 
 
 def tree_delta(a: PyTree, b: PyTree) -> PyTree:
