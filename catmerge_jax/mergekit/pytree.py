@@ -29,7 +29,7 @@ the base's.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,11 +99,23 @@ def resolve_params(name: str, params: dict, k: int) -> dict:
     return resolved
 
 
-def mergekit_merge(name: str, pretrained: PyTree, finetuned: Sequence[PyTree], *, seed: Any = 0, dtype: Any = None,
-                   **params) -> PyTree:
-    """MergeKit method ``name`` over every leaf of ``pretrained``/``finetuned`` (see the module docstring)."""
+class PreparedInputs(NamedTuple):
+    """What both pytree entry points (here and :mod:`catmerge_jax.mergekit.sharded`) start from: the method, the
+    base's view (``rebuild`` restores a module/wrapper), whether the base is one of the merge's inputs, the resolved
+    parameters, the flattened base and task leaves and the base's treedef."""
+
+    method: Any
+    view: Any
+    uses_base: bool
+    resolved: dict
+    base_leaves: list
+    ft_leaves: list
+    treedef: Any
+
+
+def prepare_inputs(name: str, pretrained: PyTree, finetuned: Sequence[PyTree], params: dict) -> PreparedInputs:
+    """Check the trees and the parameters of MergeKit method ``name`` once, for either entry point."""
     from catmerge_jax.cat import finetuned_list, params_view, validate_inputs
-    from catmerge_jax.methods.dare import as_key
 
     method = METHODS[name]
     view = params_view(pretrained)
@@ -112,9 +124,18 @@ def mergekit_merge(name: str, pretrained: PyTree, finetuned: Sequence[PyTree], *
     uses_base = method.base != "ignored"
     check_inputs(method, len(fts) + int(uses_base), uses_base, f"mergekit.{name}")
     resolved = resolve_params(name, params, len(fts))
-    key = as_key(seed) if method.random else None
     base_leaves, treedef = jax.tree.flatten(view.params)
-    ft_leaves = [jax.tree.leaves(f) for f in fts]
+    return PreparedInputs(method, view, uses_base, resolved, base_leaves, [jax.tree.leaves(f) for f in fts], treedef)
+
+
+def mergekit_merge(name: str, pretrained: PyTree, finetuned: Sequence[PyTree], *, seed: Any = 0, dtype: Any = None,
+                   **params) -> PyTree:
+    """MergeKit method ``name`` over every leaf of ``pretrained``/``finetuned`` (see the module docstring)."""
+    from catmerge_jax.methods.dare import as_key
+
+    method, view, uses_base, resolved, base_leaves, ft_leaves, treedef = prepare_inputs(name, pretrained, finetuned,
+                                                                                        params)
+    key = as_key(seed) if method.random else None
     work = None if dtype is None else np.dtype(dtype)
     out = []
     for j, leaf in enumerate(base_leaves):

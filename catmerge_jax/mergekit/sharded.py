@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from catmerge_jax.mergekit.methods import METHODS, check_inputs, merge_weight
-from catmerge_jax.mergekit.pytree import resolve_params
+from catmerge_jax.mergekit.methods import merge_weight
+from catmerge_jax.mergekit.pytree import prepare_inputs
 from catmerge_jax.tree import PyTree
 
 __all__ = ["mergekit_merge_sharded"]
@@ -41,24 +41,16 @@ def mergekit_merge_sharded(name: str, pretrained: PyTree, finetuned: Sequence[Py
     """MergeKit method ``name`` (``"ties"``, ``"slerp"``, ...) over ``pretrained``/``finetuned`` with the
     same-shaped leaves spread over ``mesh`` along ``axis`` (default: :func:`layer_mesh` of every device).
     Parameters as in :func:`catmerge_jax.mergekit.pytree.mergekit_merge`. Returns the merged tree (replicated)."""
-    from catmerge_jax.cat import finetuned_list, params_view, validate_inputs
     from catmerge_jax.methods.dare import as_key
     from catmerge_jax.sharding import _auto_mesh, layer_mesh, layer_placement
 
-    method = METHODS[name]
+    method, view, uses_base, resolved, base_leaves, ft_leaves, treedef = prepare_inputs(name, pretrained, finetuned,
+                                                                                        params)
     mesh = _auto_mesh(layer_mesh() if mesh is None else mesh)
     size = mesh.shape[axis]
     place = layer_placement(mesh, axis)
     replicated = NamedSharding(mesh, PartitionSpec())
-    view = params_view(pretrained)
-    fts = [params_view(f).params for f in finetuned_list(finetuned)]
-    validate_inputs(view.params, fts)
-    uses_base = method.base != "ignored"
-    check_inputs(method, len(fts) + int(uses_base), uses_base, f"mergekit.{name}")
-    resolved = resolve_params(name, params, len(fts))
     key = as_key(seed) if method.random else jax.random.key(0)
-    base_leaves, treedef = jax.tree.flatten(view.params)
-    ft_leaves = [jax.tree.leaves(f) for f in fts]
     groups: dict[tuple, list[int]] = {}
     for j, leaf in enumerate(base_leaves):
         if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
