@@ -208,7 +208,7 @@ def main(argv=None) -> int:
             return os.path.join(root, f"out{runs}")
 
         for method in args.methods:
-            row: dict = {}
+            load_before = os.getloadavg()
             first, first_lines, cpu = [], [], {}
             for r in range(args.repeats):  # an empty cache folder every time
                 cache = os.path.join(root, f"cache-{method}-first-{r}")
@@ -242,11 +242,17 @@ def main(argv=None) -> int:
                    "jax_repeated_stages": repeated_lines[int(np.argmin(repeated))],
                    "torch_stages": torch_stages[int(np.argmin(torch_runs))],
                    "ratio_first": best_torch / min(first), "ratio_repeated": best_torch / min(repeated),
-                   "cpu_s": cpu, "agreement": agree}
+                   "cpu_s": cpu, "agreement": agree, "load_average_before_after": (load_before, os.getloadavg())}
             data["methods"][method] = row
             say(f"\n{method}: JAX first run {min(first):.2f} s ({row['jax_first_stages']}); repeated "
                 f"{min(repeated):.2f} s ({row['jax_repeated_stages']}); PyTorch {best_torch:.2f} s ("
                 + ", ".join(f"{k} {v:.1f} s" for k, v in row["torch_stages"].items()) + ")")
+            load_after = os.getloadavg()
+            busy = max(load_before[0], load_after[0], load_after[1]) > 1.5
+            say(f"  load average before/after (1, 5, 15 min): {tuple(round(x, 2) for x in load_before)} / "
+                f"{tuple(round(x, 2) for x in load_after)}" + (" — OTHER WORK RAN MEANWHILE: these times are not a "
+                                                                 "quiet machine's (PyTorch's threads suffer most)"
+                                                                 if busy else ""))
             names = {"jax_first": "JAX first run", "jax_repeated": "JAX repeated run", "torch": "PyTorch"}
             say("  CPU seconds (user + system), least of the runs: "
                 + ", ".join(f"{names[k]} {min(v):.1f}" for k, v in cpu.items()))
