@@ -375,7 +375,7 @@ def stream_merge(layout: Folder, sources: Sequence[Folder], out_dir: str | os.Pa
       that is NaN or Inf after the cast stops the run (:class:`NonFiniteError`) with nothing written.
     """
     from catmerge_jax import atomic
-    from catmerge_jax.pipeline import InputError, _make_parents, _remove_empty, prepare_output
+    from catmerge_jax.pipeline import _make_parents, _remove_empty, prepare_output, publish_merged
 
     return_freed_memory()
     sources = list(sources)
@@ -402,11 +402,7 @@ def stream_merge(layout: Folder, sources: Sequence[Folder], out_dir: str | os.Pa
             _write_folder(tmp, layout, sources, merge_tensor, entries, merging, progress, raw)
             if copy_files:
                 _copy_non_weights(layout.path, tmp)
-            try:
-                atomic.publish_dir(tmp, out, overwrite=overwrite, accept=accept)
-            except atomic.PublishConflict:
-                raise InputError(f"--out {out} appeared while merging and was left untouched (pass overwrite to "
-                                 "replace it); the merged model was discarded") from None
+            publish_merged(tmp, out, overwrite=overwrite, accept=accept)
     except BaseException:
         _remove_empty(created)
         raise

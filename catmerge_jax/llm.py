@@ -291,8 +291,8 @@ def merge_folders_layerwise(method: Any, base_dir: str | os.PathLike, task_dirs:
     from catmerge_jax import atomic
     from catmerge_jax.methods.registry import get_method
     from catmerge_jax.models.decoder import DecoderHead, position_ids_from_mask
-    from catmerge_jax.pipeline import (InputError, _make_parents, _remove_empty, check_exemplar_path,
-                                       check_method_inputs, prepare_output)
+    from catmerge_jax.pipeline import (_make_parents, _remove_empty, check_exemplar_path, check_method_inputs,
+                                       prepare_output, publish_merged)
     from catmerge_jax.stats import count_stats, stats_from_arrays
     from catmerge_jax.streaming import ShardWriter
     from converters.decoder import TIED, decoder_config
@@ -426,11 +426,7 @@ def merge_folders_layerwise(method: Any, base_dir: str | os.PathLike, task_dirs:
             bar.close()
             writer.close()
             _copy_non_weights(base.folder.path, tmp)
-            try:
-                atomic.publish_dir(tmp, out, overwrite=overwrite, accept=accept)
-            except atomic.PublishConflict:
-                raise InputError(f"--out {out} appeared while merging and was left untouched (pass --overwrite to "
-                                 "replace it); the merged model was discarded") from None
+            publish_merged(tmp, out, overwrite=overwrite, accept=accept)
     except BaseException:
         _remove_empty(created)
         raise

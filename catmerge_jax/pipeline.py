@@ -574,6 +574,31 @@ def _remove_empty(folders: Sequence[str]) -> None:
             return
 
 
+def publish_merged(tmp: str, out: str, *, overwrite: bool, accept: tuple[int, int] | None) -> None:
+    """Publish the finished temporary folder ``tmp`` at ``out`` (:func:`catmerge_jax.atomic.publish_dir`), or say
+    in one line why not.
+
+    Shared by every folder-writing merge. If something appeared at ``out`` while merging (and ``overwrite`` is
+    off) it is left untouched, and the merged model is kept beside it as ``<name>.catmerge-result-<hex>`` rather
+    than thrown away (hours of work on an LLM); the caller's clean-up then removes ``tmp``'s marker.
+    """
+    from catmerge_jax import atomic
+
+    try:
+        atomic.publish_dir(tmp, out, overwrite=overwrite, accept=accept)
+    except atomic.PublishConflict:
+        kept = os.path.join(os.path.dirname(out), f"{os.path.basename(out)}.catmerge-result-{os.urandom(3).hex()}")
+        try:
+            atomic.rename_noreplace(tmp, kept)
+        except OSError:
+            raise InputError(f"--out {out} appeared while merging and was left untouched; the merged model "
+                             "was discarded") from None
+        raise InputError(f"--out {out} appeared while merging and was left untouched (pass --overwrite to "
+                         f"replace it); the merged model was kept in {kept}") from None
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e}") from e
+
+
 def merge_folders(method: str, base_dir: str | os.PathLike, task_dirs: Sequence[str | os.PathLike],
                   exemplar_files: Sequence[str | os.PathLike] | None, out_dir: str | os.PathLike, *,
                   hparams: Mapping[str, Any] | None = None, feature_scale: float = 1.0, roles: Overrides = None,
@@ -647,19 +672,7 @@ def merge_folders(method: str, base_dir: str | os.PathLike, task_dirs: Sequence[
                 write_hf_files(tmp, state, base.meta, base.folder)
             except OSError as e:
                 raise InputError(f"cannot write {out}: {e}") from e
-        try:
-            atomic.publish_dir(tmp, out, overwrite=overwrite, accept=accept)
-        except atomic.PublishConflict:
-            kept = os.path.join(parent, f"{name}.catmerge-result-{os.urandom(3).hex()}")
-            try:
-                atomic.rename_noreplace(tmp, kept)
-            except OSError:
-                raise InputError(f"--out {out} appeared while merging and was left untouched; the merged model "
-                                 "was discarded") from None
-            raise InputError(f"--out {out} appeared while merging and was left untouched (pass --overwrite to "
-                             f"replace it); the merged model was kept in {kept}") from None
-        except OSError as e:
-            raise InputError(f"cannot write {out}: {e}") from e
+        publish_merged(tmp, out, overwrite=overwrite, accept=accept)
     except BaseException:
         if tmp is not None:
             atomic.remove_temp_dir(tmp)

@@ -358,6 +358,32 @@ def test_failed_run_leaves_nothing(toy, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_folder_appearing_at_out_keeps_the_merged_model_beside_it(toy, tmp_path):
+    """A folder the user creates at --out while a streamed merge runs is left untouched, and the merged model is
+    kept beside it (named in the one-line error), not thrown away; no temporary entry is left."""
+    from catmerge_jax.pipeline import InputError
+
+    base = open_folder(toy["base"])
+    out = tmp_path / "out"
+
+    def appear(name, arrays):
+        if not out.exists():
+            out.mkdir()
+            (out / "mine.txt").write_text("precious")
+        return arrays[1]
+
+    with pytest.raises(InputError, match="appeared while merging") as e:
+        stream_merge(base, [base, open_folder(toy["tasks"][0])], str(out), appear, progress=False)
+    assert os.listdir(out) == ["mine.txt"]
+    kept = str(e.value).split("kept in ")[1]
+    assert os.path.dirname(kept) == str(tmp_path) and ".catmerge-result-" in os.path.basename(kept)
+    merged, expected = _state(kept)[0], _state(toy["tasks"][0])[0]
+    assert merged.keys() == expected.keys()                   # the whole merged model (here: task 0's tensors)
+    for name in expected:
+        np.testing.assert_array_equal(merged[name], expected[name], err_msg=name)
+    assert _leftovers(tmp_path) == []
+
+
 def _layers_folder(root, name, layers, width, seed):
     rng = np.random.default_rng(seed)
     folder = os.path.join(root, name)
