@@ -290,18 +290,23 @@ def _tensor_key(seed: int, name: str):
 
 
 def run_recipe(recipe: Recipe | str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-               progress: bool = True, seed: int = 0) -> str:
+               progress: bool = True, seed: int = 0, tie_order: str = "pytorch") -> str:
     """Run a recipe (or a recipe file) into ``out_dir``; returns the output folder.
 
     The output keeps the layout of the base model (the first model without one): its tensor names, shard files,
     index, config and tokenizer files; merged tensors take ``out_dtype`` (else ``dtype``, else their own). DARE
-    and DELLA draw tensor ``name``'s masks from ``fold_in(key(seed), crc32(name))``.
+    and DELLA draw tensor ``name``'s masks from ``fold_in(key(seed), crc32(name))``. ``tie_order``: which of the
+    entries tied at a magnitude cut TIES, Breadcrumbs and SCE keep: MergeKit's (``"pytorch"``, PyTorch's CPU sort
+    order, reproduced in NumPy) or the lower index (``"stable"``); see :mod:`catmerge_jax.mergekit.tie_order`.
     """
     import jax.numpy as jnp
 
     from catmerge_jax.folders import check_sources, float_names, open_folder, stream_merge
     from catmerge_jax.mergekit.methods import merge_weight
 
+    from catmerge_jax.mergekit.tie_order import check_tie_order
+
+    check_tie_order(tie_order)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     inputs = recipe.inputs
@@ -326,7 +331,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike, out_dir: str | os.PathLike, *
         if recipe.method in ELEMENTWISE:
             return _merge_in_chunks(recipe.method, arrays, base_index, params[name], work_dtype)
         merged = merge_weight(recipe.method, [jnp.asarray(a) for a in arrays], base_index, params[name], key=key,
-                              work_dtype=work_dtype)
+                              work_dtype=work_dtype, tie_order=tie_order)
         return np.asarray(merged, dtype=np.float32)
 
     out_dtype = recipe.out_dtype or recipe.dtype

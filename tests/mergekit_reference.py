@@ -7,28 +7,35 @@ from __future__ import annotations
 import numpy as np
 
 
-def _mask_top(v, k):            # the k largest of v (stable: lower index first among ties)
+def stable_order(v, descending):
+    """Flat indices of ``v`` in ascending (or descending) order, ties to the lower index. Tests pass another
+    ``order`` (e.g. ``torch.argsort`` on ``v.float()``, as MergeKit sorts) to the functions below."""
+    flat = v.reshape(-1)
+    return np.argsort(-flat if descending else flat, kind="stable")
+
+
+def _mask_top(v, k, order=stable_order):     # the k largest of v, ties in ``order``'s order
     m = np.zeros(v.size, bool)
-    m[np.argsort(-v.reshape(-1), kind="stable")[:k]] = True
+    m[order(v, True)[:k]] = True
     return m.reshape(v.shape)
 
 
-def magnitude(t, density, rescale=False):
+def magnitude(t, density, rescale=False, order=stable_order):
     if density >= 1:
         return t
     if density <= 0:
         return np.zeros_like(t)
     k = max(1, int(density * t.size))
-    return _rescale(t, _mask_top(np.abs(t), k), rescale)
+    return _rescale(t, _mask_top(np.abs(t), k, order), rescale)
 
 
-def magnitude_outliers(t, density, gamma, rescale=False):
+def magnitude_outliers(t, density, gamma, rescale=False, order=stable_order):
     if density >= 1:
         return t
     n = t.size
     target, top = int(density * n), int(gamma * n)
     bot = max(0, n - target - top)
-    order = np.argsort(np.abs(t).reshape(-1), kind="stable")
+    order = order(np.abs(t), False)
     m = np.zeros(n, bool)
     m[order[bot:bot + target]] = True
     return _rescale(t, m.reshape(t.shape), rescale)
@@ -45,14 +52,14 @@ def _rescale(t, mask, rescale):
 
 
 def gta(base, models, weight, *, sparsify=None, consensus=None, normalize=False, rescale=False, lam=1.0,
-        density=None, gamma=None):
+        density=None, gamma=None, order=stable_order):
     deltas = []
     for k, m in enumerate(models):
         d = m - base
         if sparsify == "magnitude":
-            d = magnitude(d, density[k], rescale)
+            d = magnitude(d, density[k], rescale, order)
         elif sparsify == "magnitude_outliers":
-            d = magnitude_outliers(d, density[k], gamma[k], rescale)
+            d = magnitude_outliers(d, density[k], gamma[k], rescale, order)
         deltas.append(d * weight[k])
     deltas = np.stack(deltas)
     w = np.asarray(weight, np.float64).reshape((-1,) + (1,) * base.ndim)
@@ -147,12 +154,16 @@ def model_stock(base, models, filter_wise=False):
     return (t * avg + (1 - t) * w0).reshape(base.shape)
 
 
-def sce(base, models, select_topk=1.0):
+def sce(base, models, select_topk=1.0, topk=None):
+    """``topk(v, k)``: the flat indices of the k largest of v (default: ties to the lower index; MergeKit's is
+    ``torch.topk``, whose order among ties differs from its sort's)."""
     tvs = np.stack([m - base for m in models])
     if select_topk < 1:
         var = tvs.var(0)
         k = int(np.count_nonzero(var) * select_topk)
-        tvs = tvs * _mask_top(np.abs(var), k)[None]
+        keep = np.zeros(var.size, bool)
+        keep[(topk or (lambda v, k: stable_order(v, True)[:k]))(np.abs(var), k)] = True
+        tvs = tvs * keep.reshape(var.shape)[None]
     elected = np.where(tvs.sum(0) >= 0, 1, -1)
     erase = np.sign(tvs) == elected
     w = (tvs ** 2).reshape(len(models), -1).mean(1)
@@ -190,3 +201,37 @@ def arcee_fusion(base, other):
     s = np.sort(imp.reshape(-1))
     q1, med, q3 = (s[int(np.float32(f) * (s.size - 1))] for f in (0.25, 0.5, 0.75))
     return base + (other - base) * (imp >= med + 1.5 * (q3 - q1))
+
+
+def karcher_torch(tensors, max_iter=10, tol=1e-5):
+    """MergeKit's ``karcher`` evaluated as MergeKit evaluates it: PyTorch eager ops on the inputs' dtype (bf16:
+    every op rounds; norms in float32), equal weights. For the bf16 tests: the iteration does not converge in bf16
+    and wanders between neighbouring points, so only the same op-by-op rounding gives the same result."""
+    import torch
+
+    k = len(tensors)
+    alpha = 1.0 / k
+    norms = [torch.linalg.vector_norm(t.float()) for t in tensors]
+    units = [(t / n).to(t.dtype) for t, n in zip(tensors, norms)]     # no zero or tiny norms in the tests
+    mean = torch.zeros_like(units[0])
+    for u in units:
+        mean += alpha * u
+    mean = (mean / torch.linalg.vector_norm(mean.float())).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() >= tol:
+                tangent += alpha * (theta / torch.sin(theta)) * (u - dot * mean)
+        step = torch.linalg.vector_norm(tangent.float())
+        if step.item() < tol:
+            break
+        mean = (torch.cos(step) * mean + torch.sin(step) * (tangent / step)).to(mean.dtype)
+        length = torch.linalg.vector_norm(mean.float())
+        if length.item() > tol:
+            mean = (mean / length).to(mean.dtype)
+    scale = 0
+    for n in norms:
+        scale = scale + alpha * n
+    return scale * mean

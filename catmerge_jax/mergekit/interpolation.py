@@ -166,14 +166,18 @@ def karcher(models: jax.Array, *, max_iter: int = 10, tol: float = 1e-5, work_dt
             tangent = jnp.where(skip, tangent, r(tangent + update))
         tn = _norm(tangent)
         stop = done | (tn < tol)
-        moved = r(r(jnp.cos(tn) * mean) + r(jnp.sin(tn) * r(tangent / jnp.where(tn == 0, 1, tn))))
+        # PyTorch rounds a 0-dim float32 *left* operand to the tensor's dtype (``cos(tn) * mean``), not a right one
+        moved = r(r(r(jnp.cos(tn)) * mean) + r(r(jnp.sin(tn)) * r(tangent / jnp.where(tn == 0, 1, tn))))
         un = _norm(moved)
         moved = jnp.where(un > tol, r(moved / jnp.where(un > tol, un, 1)), moved)
         return jnp.where(stop, mean, moved), stop
 
     mean, _ = jax.lax.fori_loop(0, int(max_iter), step, (mean, jnp.asarray(False)))
-    scale = jnp.sum(norms / k)
-    out = r(scale * mean).reshape(models.shape[1:])
+    alpha = jnp.asarray(1 / k, norms.dtype)
+    scale = norms[0] * alpha                  # Σ_k α·‖W_k‖ in order, as MergeKit's Python sum()
+    for i in range(1, k):
+        scale = scale + norms[i] * alpha
+    out = r(r(scale) * mean).reshape(models.shape[1:])
     return jnp.where(n_valid == 0, jnp.zeros_like(out), out)
 
 

@@ -31,6 +31,8 @@ from catmerge_jax.mergekit import interpolation as ip
 from catmerge_jax.mergekit import selective as sel
 from catmerge_jax.mergekit.precision import widen
 from catmerge_jax.mergekit.task_arithmetic import VARIANTS, generalized_task_arithmetic
+from catmerge_jax.mergekit.tie_order import ascending_keys, check_tie_order, topk_mask
+from catmerge_jax.tree import is_tracer
 
 __all__ = ["REQUIRED", "Param", "Method", "METHODS", "merge_weight", "check_value", "check_inputs"]
 
@@ -52,7 +54,8 @@ class Param(NamedTuple):
 
 
 class Method(NamedTuple):
-    """A MergeKit method: parameters, inputs contract, and ``apply(base, models, params, key, work_dtype)``."""
+    """A MergeKit method: parameters, inputs contract, and ``apply(base, models, params, key, work_dtype,
+    tie_order)``."""
 
     name: str
     params: tuple[Param, ...]
@@ -81,11 +84,12 @@ def _gta_params(variant) -> tuple[Param, ...]:
 
 
 def _gta_apply(variant):
-    def apply(base, models, p, key, work_dtype):
+    def apply(base, models, p, key, work_dtype, tie_order):
         return generalized_task_arithmetic(
             base, models, weight=p["weight"], density=p["density"], gamma=p.get("gamma", 0.01),
             epsilon=p.get("epsilon", 0.15), normalize=p["normalize"], rescale=p["rescale"], lam=p["lambda"],
-            sparsification=variant.sparsification, consensus=variant.consensus, key=key, work_dtype=work_dtype)
+            sparsification=variant.sparsification, consensus=variant.consensus, key=key, work_dtype=work_dtype,
+            tie_order=tie_order)
 
     return apply
 
@@ -95,7 +99,7 @@ _STATIC = ("normalize", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weight
 
 
 @functools.partial(jax.jit, static_argnames=("name",) + _STATIC)
-def _jitted(name, base, models, floats, **static):
+def _jitted(name, base, models, floats, keep=None, **static):
     """Every non-task-arithmetic kernel under one ``jit`` (floats traced, switches static)."""
     work = static["work_dtype"]
     models = jnp.stack([widen(m) for m in models])      # inside the jit: no separate copy
@@ -119,7 +123,7 @@ def _jitted(name, base, models, floats, **static):
     if name == "passthrough":
         return ip.passthrough(models[0], scale=floats["scale"][0] if static["has_scale"] else None, work_dtype=work)
     if name == "sce":
-        return sel.sce(base, models, select_topk=floats["select_topk"], work_dtype=work)
+        return sel.sce(base, models, select_topk=floats["select_topk"], work_dtype=work, keep=keep)
     if name == "ram":
         return sel.ram(base, models, epsilon=floats["epsilon"], work_dtype=work)
     if name == "ramplus_tl":
@@ -130,9 +134,26 @@ def _jitted(name, base, models, floats, **static):
     raise KeyError(name)
 
 
+def _sce_keep_host(base, models, select_topk, work_dtype, tie_order):
+    """SCE's selection made on the host in ``tie_order`` (None: the kernel's in-graph one, ties to the lower
+    index). MergeKit: ``torch.topk(var.abs().view(-1), int(count_nonzero(var) * select_topk))``."""
+    if tie_order == "stable":
+        return None
+    if any(is_tracer(x) for x in (base, *models, select_topk)):
+        raise HyperparameterError("tie_order='pytorch' needs concrete arrays (it selects on the host), not traced "
+                                  "ones; use tie_order='stable' inside jit")
+    select_topk = float(select_topk)
+    if not 0 < select_topk < 1:
+        return None
+    var = np.asarray(sel.sce_variance(base, tuple(models), np.dtype(work_dtype).name))
+    count = int(np.float32(np.count_nonzero(var)) * np.float32(select_topk))   # MergeKit's int64 · float → float32
+    return topk_mask(ascending_keys(np.abs(var), descending=True), count, tie_order).reshape(var.shape)
+
+
 def _kernel_apply(name: str):
-    def apply(base, models, p, key, work_dtype):
+    def apply(base, models, p, key, work_dtype, tie_order):
         del key
+        keep = None if name != "sce" else _sce_keep_host(base, models, p["select_topk"], work_dtype, tie_order)
         floats, static = {}, {k: False for k in _STATIC}
         static.update(work_dtype=np.dtype(work_dtype).name, max_iter=10, has_scale=False)
         for k, v in p.items():
@@ -144,7 +165,7 @@ def _kernel_apply(name: str):
                                         jnp.float32)
             elif k != "int8_mask":
                 floats[k] = jnp.asarray(v, jnp.float32)
-        return _jitted(name, base, models, floats, **static)
+        return _jitted(name, base, models, floats, keep, **static)
 
     return apply
 
@@ -239,7 +260,7 @@ def check_inputs(method: Method, n_inputs: int, has_base: bool, where: str) -> N
 
 
 def merge_weight(name: str, inputs: Sequence[jax.Array], base_index: int | None, params: dict, *,
-                 key: jax.Array | None = None, work_dtype: Any = None) -> jax.Array:
+                 key: jax.Array | None = None, work_dtype: Any = None, tie_order: str = "stable") -> jax.Array:
     """MergeKit method ``name`` on one weight.
 
     Args:
@@ -251,10 +272,14 @@ def merge_weight(name: str, inputs: Sequence[jax.Array], base_index: int | None,
         (``non_base`` ones without the base's entry). Missing ones take the method's defaults.
       key: ``jax.random`` key for the randomized methods (DARE, DELLA).
       work_dtype: the dtype MergeKit would compute in (default: the inputs' dtype).
+      tie_order: which of entries tied at a magnitude cut (TIES, Breadcrumbs, SCE) are kept
+        (:mod:`~catmerge_jax.mergekit.tie_order`): "stable", the lower index (jittable), or "pytorch", MergeKit's
+        choice (PyTorch's CPU sort order, reproduced on the host; concrete inputs only).
     Returns:
       the merged weight (the inputs' compute dtype, rounded to ``work_dtype``).
     """
     method = METHODS[name]
+    check_tie_order(tie_order)
     work_dtype = np.dtype(inputs[0].dtype if work_dtype is None else work_dtype)
     p = {q.name: q.default for q in method.params if q.default is not REQUIRED}
     p.update(params)
@@ -271,4 +296,4 @@ def merge_weight(name: str, inputs: Sequence[jax.Array], base_index: int | None,
         return base
     if method.random and key is None:
         key = jax.random.key(0)
-    return method.apply(base, tuple(models), p, key, work_dtype)
+    return method.apply(base, tuple(models), p, key, work_dtype, tie_order)

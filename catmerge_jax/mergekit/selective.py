@@ -8,30 +8,49 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catmerge_jax.mergekit.precision import rounder, sum0
+from catmerge_jax.mergekit.precision import rounder, sum0, widen
 from catmerge_jax.mergekit.selection import largest_mask, value_at_rank
 from catmerge_jax.mergekit.task_arithmetic import consensus_mask
 
-__all__ = ["sce", "ram", "ramplus_tl", "arcee_fusion"]
+__all__ = ["sce", "sce_variance", "ram", "ramplus_tl", "arcee_fusion"]
 
 
-def sce(base: jax.Array, models: jax.Array, *, select_topk: Any = 1.0, work_dtype: Any = np.float32) -> jax.Array:
+def _variance(tvs, r):
+    return r(jnp.var(tvs, axis=0))
+
+
+@functools.partial(jax.jit, static_argnames=("work_dtype",))
+def sce_variance(base: jax.Array, models: Sequence[jax.Array], work_dtype: str) -> jax.Array:
+    """SCE's selection score: the variance over the K task vectors of each entry (``torch.var(unbiased=False)``
+    in the working dtype), shape of ``base``."""
+    r = rounder(work_dtype)
+    base = widen(base)
+    return _variance(r(jnp.stack([widen(m) for m in models]) - base[None]), r)
+
+
+def sce(base: jax.Array, models: jax.Array, *, select_topk: Any = 1.0, work_dtype: Any = np.float32,
+        keep: jax.Array | None = None) -> jax.Array:
     """SCE (Wan et al., 2024): Select the ``select_topk`` fraction of entries with the largest variance across
     the task vectors (of those with nonzero variance), Calculate per-model weights ``mean(τ_k²)`` normalized to sum
-    1, Erase entries against the elected sign; the weighted mean of the rest is added to the base."""
+    1, Erase entries against the elected sign; the weighted mean of the rest is added to the base.
+
+    ``keep`` (bool, shape of ``base``): the selection, if made elsewhere (on the host in PyTorch's tie order);
+    without it the entries tied at the cut are kept to the lower index."""
     r = rounder(work_dtype)
     k = models.shape[0]
     tvs = r(models - base[None])
     d = jnp.asarray(select_topk, jnp.float32)
-    var = r(jnp.var(tvs, axis=0))
-    count = jnp.floor(jnp.sum(var != 0) * d).astype(jnp.int32)
-    keep = jnp.where(d >= 1, True, jnp.where(d <= 0, False, largest_mask(jnp.abs(var), count)))
+    if keep is None:
+        var = _variance(tvs, r)
+        count = jnp.floor(jnp.sum(var != 0) * d).astype(jnp.int32)
+        keep = jnp.where(d >= 1, True, jnp.where(d <= 0, False, largest_mask(jnp.abs(var), count)))
     tvs = jnp.where(keep[None], tvs, 0)
     erase = consensus_mask(tvs, "sum", r)
     weights = r(jnp.mean(r(tvs * tvs).reshape(k, -1), axis=1))

@@ -10,8 +10,9 @@
   ``rank`` its position by ``|τ|`` within the row.
 
 With ``rescale`` the kept entries are scaled so the L1 norm of the task vector is unchanged (MergeKit's
-``RescaleNorm.l1``; not DARE's ``1/density``). Ranks break ties by position (a stable sort); PyTorch's CPU argsort
-is not stable for large tensors, so at an exact tie on the cut MergeKit may keep another of the equal entries.
+``RescaleNorm.l1``; not DARE's ``1/density``). Ranks here break ties by position (a stable sort); MergeKit's
+``argsort`` is not stable, and the recipe runner reproduces its choice among entries tied at the cut on the host
+(:mod:`catmerge_jax.mergekit.tie_order`), passing the kept entries in as a mask.
 
 The selections take an optional precomputed :class:`~catmerge_jax.mergekit.selection.Cut` (found with NumPy for
 concrete CPU arrays, much faster than any sort under XLA:CPU); without one they are found in the graph.

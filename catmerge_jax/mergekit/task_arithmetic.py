@@ -29,9 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from catmerge_jax.errors import HyperparameterError
 from catmerge_jax.mergekit import sparsify as sp
 from catmerge_jax.mergekit.precision import rounder, sum0, widen
 from catmerge_jax.mergekit.selection import Cut, rank_cut_host
+from catmerge_jax.mergekit.tie_order import check_tie_order, head_mask
 from catmerge_jax.tree import is_tracer
 
 __all__ = ["Variant", "VARIANTS", "generalized_task_arithmetic", "consensus_mask"]
@@ -93,15 +95,29 @@ def _ints(values):
     return np.asarray(values, np.int32)
 
 
-def _host_cuts(base, models, work_dtype, counts, descending):
-    """Per-model selection cuts found with NumPy (concrete CPU arrays only), for each list of counts."""
-    deltas = _deltas(base, models, np.dtype(work_dtype).name)
-    cuts = []
+def _host_cuts(base, models, work_dtype, counts, descending, tie_order="stable"):
+    """Per-model selections found with NumPy (concrete CPU arrays only): ``(cuts, masks)``, the cuts for each
+    list of counts, and with ``tie_order="pytorch"`` the K kept-entry masks where a cut splits tied entries
+    (None where no cut does: the cuts then select the same entries)."""
+    deltas = [np.asarray(tau) for tau in _deltas(base, models, np.dtype(work_dtype).name)]
+    cuts, keys = [], []
     for k, tau in enumerate(deltas):
-        tau = np.asarray(tau)
-        keys = sp.outlier_keys_host(tau)
-        cuts.append([rank_cut_host(~keys if descending else keys, c[k]) for c in counts])
-    return [tuple(np.stack([c[i][j] for c in cuts]) for j in range(2)) for i in range(len(counts))]
+        keys.append(~sp.outlier_keys_host(tau) if descending else sp.outlier_keys_host(tau))
+        cuts.append([rank_cut_host(keys[-1], c[k]) for c in counts])
+    stacked = [tuple(np.stack([c[i][j] for c in cuts]) for j in range(2)) for i in range(len(counts))]
+    if tie_order == "stable" or not any(_splits(keys[k], cut) for k in range(len(deltas)) for cut in cuts[k]):
+        return stacked, None
+    masks = []
+    for k, tau in enumerate(deltas):            # MergeKit: argsort(|τ|.float(), descending)[:count], sort(...)[lo:hi]
+        heads = [head_mask(keys[k], int(c[k]), tie_order) for c in counts]
+        mask = heads[0] if descending else heads[1] & ~heads[0]
+        masks.append(mask.reshape(tau.shape))
+    return stacked, tuple(masks)
+
+
+def _splits(keys: np.ndarray, cut: Cut) -> bool:
+    """Whether a stable cut leaves out an entry equal to its last kept one (the tie order then matters)."""
+    return int(cut.last) >= 0 and bool(np.any(keys.reshape(-1)[int(cut.last) + 1:] == cut.key))
 
 
 @functools.partial(jax.jit, static_argnames=("work_dtype",))
@@ -123,7 +139,7 @@ def generalized_task_arithmetic(base: jax.Array, models: jax.Array, *, weight: A
                                 gamma: Any = 0.01, epsilon: Any = 0.15, normalize: bool = False,
                                 rescale: bool = False, lam: Any = 1.0, sparsification: str | None = None,
                                 consensus: str | None = None, key: jax.Array | None = None,
-                                work_dtype: Any = np.float32) -> jax.Array:
+                                work_dtype: Any = np.float32, tie_order: str = "stable") -> jax.Array:
     """MergeKit's generalized task arithmetic on one weight.
 
     Args:
@@ -137,6 +153,8 @@ def generalized_task_arithmetic(base: jax.Array, models: jax.Array, *, weight: A
       key: ``jax.random`` key for "random" and "della_magprune" (model k draws from ``fold_in(key, k)``).
       work_dtype: the dtype MergeKit computes in (the inputs' dtype, or the recipe's ``dtype``): results are
         rounded to it where PyTorch rounds.
+      tie_order: which of entries tied at a magnitude cut are kept (:mod:`~catmerge_jax.mergekit.tie_order`):
+        "stable" (the lower index) or "pytorch" (MergeKit's; selected on the host, so traced inputs raise).
     Returns:
       the merged weight, shape of ``base``, in ``base``'s dtype (rounded to ``work_dtype``).
     """
@@ -151,20 +169,27 @@ def generalized_task_arithmetic(base: jax.Array, models: jax.Array, *, weight: A
     elif sparsification == "magnitude_outliers":
         pairs = [sp.outlier_counts(d, g, n) for d, g in zip(density_list, gamma_list)]
         counts = [_ints([p[0] for p in pairs]), _ints([p[1] for p in pairs])]
-    cuts = None
-    if counts is not None and _on_cpu(base, models, *counts) and n > 0:
-        cuts = _host_cuts(base, models, work_dtype, [np.asarray(c) for c in counts], sparsification == "magnitude")
+    cuts = masks = None
+    host = counts is not None and _on_cpu(base, models, *counts)
+    if check_tie_order(tie_order) == "pytorch" and counts is not None:
+        host = not any(is_tracer(x) for x in (base, *models, *counts))
+        if not host:
+            raise HyperparameterError("tie_order='pytorch' needs concrete arrays (it selects on the host), not "
+                                      "traced ones; use tie_order='stable' inside jit")
+    if host and n > 0:
+        cuts, masks = _host_cuts(base, models, work_dtype, [np.asarray(c) for c in counts],
+                                 sparsification == "magnitude", tie_order)
     if sparsification in ("random", "della_magprune") and key is None:
         raise ValueError(f"sparsification {sparsification!r} draws random masks: pass key=")
     return _gta(base, models, weight, _per_model(density, k, "density"), _per_model(gamma, k, "gamma"),
-                _per_model(epsilon, k, "epsilon"), lam if is_tracer(lam) else np.float32(lam), counts, cuts, key,
+                _per_model(epsilon, k, "epsilon"), lam if is_tracer(lam) else np.float32(lam), counts, cuts, masks, key,
                 sparsification=sparsification, consensus=consensus, normalize=bool(normalize),
                 rescale=bool(rescale), work_dtype=np.dtype(work_dtype).name)
 
 
 @functools.partial(jax.jit, static_argnames=("sparsification", "consensus", "normalize", "rescale", "work_dtype"))
-def _gta(base, models, weight, density, gamma, epsilon, lam, counts, cuts, key, *, sparsification, consensus,
-         normalize, rescale, work_dtype):
+def _gta(base, models, weight, density, gamma, epsilon, lam, counts, cuts, masks, key, *, sparsification,
+         consensus, normalize, rescale, work_dtype):
     # The K models stay separate arrays (a Python loop over K): every step is elementwise, so XLA fuses the whole
     # merge into one pass over the inputs; a stacked (K, ...) array would be materialized between the steps.
     del gamma  # folded into the counts
@@ -176,7 +201,9 @@ def _gta(base, models, weight, density, gamma, epsilon, lam, counts, cuts, key, 
     if sparsification is not None:
         out = []
         for i, tau in enumerate(deltas):
-            if sparsification == "magnitude":
+            if masks is not None and sparsification in ("magnitude", "magnitude_outliers"):
+                tau = sp.rescaled(tau, masks[i], rescale, r)          # kept entries chosen on the host
+            elif sparsification == "magnitude":
                 cut = None if cuts is None else _cut_of(cuts[0], i)
                 tau = sp.magnitude(tau, counts[0][i], rescale=rescale, r=r, cut=cut)
             elif sparsification == "magnitude_outliers":
