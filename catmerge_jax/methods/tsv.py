@@ -36,17 +36,72 @@ from catmerge_jax.roles import Overrides
 from catmerge_jax.tree import PyTree
 
 
+TALL = 2
+"""A factor with at least ``TALL`` times more rows than columns is reduced to its ``n × n`` triangle ``R`` first."""
+
+
+def _right_factors(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Singular values ``(n,)`` (descending) and right singular vectors ``(n, n)`` (columns) of ``a`` ``(m, n)``.
+
+    For a tall ``a`` (``m ≥ TALL·n``: MiniLM's ``30522 × 384`` embedding table) they are those of ``R`` from
+    ``a = QR`` (Householder, ``Q`` never formed): ``RᵀR = aᵀa``, so same σ and V, and both factorizations are
+    backward stable, so the error is the float32 SVD's own; the ``m``-sized work is one ``geqrf`` instead of
+    ``gesdd``'s QR, ``Q``, bidiagonal reduction and ``U = Q·U_R``.
+    """
+    m, n = a.shape[-2:]
+    r = jnp.linalg.qr(a, mode="r") if m >= TALL * n else a
+    _, s, vt = jnp.linalg.svd(r, full_matrices=False)
+    return s, jnp.swapaxes(vt, -1, -2)
+
+
+def _inverse(s: jax.Array, rows: int) -> jax.Array:
+    """``1/σ``, with 0 for the σ below the numerical rank (``σ ≤ σ_max·rows·eps``, as ``pinv``): their left vectors
+    are not determined by ``a`` at all, and the merged matrix gets nothing from them (σ ≈ 0 scales them)."""
+    tol = s[..., :1] * rows * jnp.finfo(s.dtype).eps
+    return jnp.where(s > tol, 1 / jnp.where(s > tol, s, 1), 0)
+
+
+def _top_triplets(t: jax.Array, keep: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``U[:, :keep] (m, keep)``, ``σ[:keep]``, ``V[:, :keep] (n, keep)`` of ``t`` ``(m, n)``, ``m ≥ n``.
+
+    Tall ``t``: σ and V from :func:`_right_factors`, ``U = t V Σ⁻¹`` (a matmul; column ``i``'s error is
+    ``eps·‖t‖/σ_i``, the bound a direct SVD's left vectors have too)."""
+    m, n = t.shape
+    if m < TALL * n:
+        u, s, vt = jnp.linalg.svd(t, full_matrices=False)
+        return u[:, :keep], s[:keep], vt[:keep].T
+    s, v = _right_factors(t)
+    s, v = s[:keep], v[:, :keep]
+    return (t @ v) * _inverse(s, m)[None, :], s, v
+
+
+def _polar(a: jax.Array) -> jax.Array:
+    """:func:`~catmerge_jax.methods.layerwise.polar` of ``a`` ``(m, p)``; for tall ``a`` without an ``m × p`` SVD:
+    ``polar(a) = a W Σ⁻¹ Wᵀ`` with ``a``'s σ and right vectors ``W`` from :func:`_right_factors` (error
+    ``eps·cond(a)``, as the SVD route's; directions with σ ≈ 0 get nothing, the partial isometry)."""
+    m, p = a.shape
+    if m < TALL * p:
+        return polar(a)
+    s, w = _right_factors(a)
+    return a @ ((w * _inverse(s, m)[None, :]) @ w.T)
+
+
 def tsv_layer(tvs: jax.Array) -> jax.Array:
-    """TSV-M of one layer: ``(K, out, in)`` task matrices → ``(out, in)`` merged task matrix."""
+    """TSV-M of one layer: ``(K, out, in)`` task matrices → ``(out, in)`` merged task matrix.
+
+    Works on the tall orientation (TSV is transpose-invariant), where tall factors skip their big SVDs
+    (:func:`_top_triplets`, :func:`_polar`)."""
     k_tasks, m, n = tvs.shape
-    keep = min(m, n) // k_tasks
+    if m < n:
+        return tsv_layer(jnp.swapaxes(tvs, -1, -2)).T
+    keep = n // k_tasks
     if keep == 0:
         return jnp.zeros((m, n), tvs.dtype)
-    u, s, vt = jnp.linalg.svd(tvs, full_matrices=False)               # (K, m, r), (K, r), (K, r, n)
-    u_cat = u[:, :, :keep].transpose(1, 0, 2).reshape(m, k_tasks * keep)
-    s_cat = s[:, :keep].reshape(k_tasks * keep)
-    v_cat = vt[:, :keep, :].transpose(2, 0, 1).reshape(n, k_tasks * keep)
-    return (polar(u_cat) * s_cat[None, :]) @ polar(v_cat).T
+    u, s, v = jax.vmap(lambda t: _top_triplets(t, keep))(tvs)        # (K, m, keep), (K, keep), (K, n, keep)
+    u_cat = u.transpose(1, 0, 2).reshape(m, k_tasks * keep)
+    s_cat = s.reshape(k_tasks * keep)
+    v_cat = v.transpose(1, 0, 2).reshape(n, k_tasks * keep)
+    return (_polar(u_cat) * s_cat[None, :]) @ _polar(v_cat).T
 
 
 def tsv_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, alpha: Any = 1.0, matrices: str = "all_2d",
