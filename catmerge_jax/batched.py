@@ -12,6 +12,9 @@ the iterative solver, the solver tolerance) but
   - ``"rows"``: ``G_k`` from ``Y_ki = X_k T_i`` (``K²(2·n·in·out + 2·n·out²)``, when rows are stored, n < in);
   - ``"matrix_free"``: never forms ``G_k``; the block Krylov solver applies
     ``v ↦ Σ_{i≠k} Y_kiᵀ Y_ki v − λ Σ_{i≠k} Y_iiᵀ Y_ii v`` directly (``8·K·n·out`` flops per vector);
+  - ``"rows_krylov"``: never forms ``G_k`` either; block Krylov on ``Z_kᵀ D Z_k`` (the ``2(K−1)n`` rows of task k)
+    with a row-major copy of ``Z_kᵀ`` beside ``Z_k``, so each step is two plain GEMMs (``8(K−1)·n·out`` flops per
+    vector); chosen when ``2(K−1)n < out`` (ViT-B/32's MLP-up at K = 8);
   - solver ``"eigh"`` or ``"iterative"`` (:mod:`catmerge_jax.linalg`); non-converged / small-gap matrices
     fall back to eigh on the host side, only for those (layer, task) pairs;
 

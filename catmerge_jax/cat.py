@@ -155,6 +155,10 @@ def apply_cat_linear(task_vectors: jax.Array, bases: jax.Array) -> jax.Array:
     return jnp.stack(trimmed)
 
 
+BATCHED_UPDATE_BYTES = 64 << 20
+"""From this size of one task's matrix on, :func:`cat_linear_update` batches its K products (no sliced copies)."""
+
+
 @jax.jit
 def cat_linear_update(task_vectors: jax.Array, bases: jax.Array) -> jax.Array:
     """``Σ_i T̃_i`` ``(in, out)`` of :func:`apply_cat_linear` without forming the K trimmed matrices: with
@@ -163,15 +167,23 @@ def cat_linear_update(task_vectors: jax.Array, bases: jax.Array) -> jax.Array:
 
     Args / Returns: as :func:`apply_cat_linear`, summed over tasks.
     """
-    ws, us = [], []
-    for i in range(bases.shape[0]):
-        u, m = _sequential_factors(bases, i)
-        ws.append((task_vectors[i] @ u) @ m)
-        us.append(u)
+    num_tasks, fan_in = task_vectors.shape[0], task_vectors.shape[1]
     total = task_vectors[0]
     for t in task_vectors[1:]:  # explicit adds: XLA:CPU's reduce over a leading axis of matrices is far slower
         total = total + t
-    return total - jnp.concatenate(ws, axis=1) @ jnp.concatenate(us, axis=1).T
+    if task_vectors[0].size * task_vectors.dtype.itemsize < BATCHED_UPDATE_BYTES:
+        ws, us = [], []
+        for i in range(num_tasks):
+            u, m = _sequential_factors(bases, i)
+            ws.append((task_vectors[i] @ u) @ m)
+            us.append(u)
+        return total - jnp.concatenate(ws, axis=1) @ jnp.concatenate(us, axis=1).T
+    # A huge layer (an LM head): (T_i U_i) M_i batched over i, leading on both sides, so XLA:CPU reads each T_i in
+    # place (a product of the slice T_i copies it first: K copies of the task vectors)
+    us, ms = (jnp.stack(f) for f in zip(*(_sequential_factors(bases, i) for i in range(num_tasks))))
+    ws = jnp.einsum("iaq,iqr->iar", jnp.einsum("iab,ibq->iaq", task_vectors, us), ms)
+    ws = ws.transpose(1, 0, 2).reshape(fan_in, -1)  # [W_1 … W_K]
+    return total - ws @ us.transpose(1, 0, 2).reshape(us.shape[1], -1).T
 
 
 @jax.jit
@@ -957,6 +969,12 @@ def _stack_layers_on_host(arrays: tuple[jax.Array, ...], picks: tuple[tuple[int,
         return _stack_layers(arrays, picks, pad)
     host = {a: np.asarray(arrays[a]) for a in dict.fromkeys(a for a, _ in picks)}  # views of the CPU buffers
     layers = [host[a][:, layer] for a, layer in picks]
+    if len(layers) == 1 and not pad and layers[0].flags.c_contiguous:
+        # a one-layer leaf (an LM head: GiBs for K tasks) is used in place, not copied twice
+        try:
+            return jax.device_put(layers[0][None], may_alias=True)
+        except TypeError:  # a JAX before device_put's may_alias (0.4.36)
+            return jax.device_put(layers[0][None])
     return jax.device_put(np.stack(layers + [np.zeros_like(layers[0])] * pad))
 
 
@@ -1008,6 +1026,16 @@ def _group_update(tvs: jax.Array, bases: jax.Array, *, joint: bool, rescale_norm
         return trimmed
     # An explicit loop of adds: XLA:CPU's reduce over this middle axis ran ~25× slower (0.2 s for 8 × 768 × 3072).
     return jax.lax.fori_loop(1, trimmed.shape[1], lambda k, acc: acc + trimmed[:, k], trimmed[:, 0])
+
+
+@jax.jit
+def _sum_tasks(stack: jax.Array) -> jax.Array:
+    """``Σ_k stack[k]`` as explicit adds: XLA:CPU's reduce over the leading axis first copied the whole ``(K, ...)``
+    stack into a transposed buffer (GiBs for an LLM's embedding table)."""
+    total = stack[0]
+    for t in stack[1:]:
+        total = total + t
+    return total
 
 
 @jax.jit
@@ -1113,7 +1141,7 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
     if traced and solver == "auto":
         solver = "eigh"
     clock.update({"prepare": 0.0, "bases": 0.0, "apply": 0.0, "solves": 0, "fallbacks": 0, "groups": []})
-    reduce = (lambda x: x) if per_task else (lambda x: x.sum(0))
+    reduce = (lambda x: x) if per_task else _sum_tasks
 
     update_by_index: dict[int, jax.Array] = {}
     unresolved_leaves: set[str] = set()
@@ -1122,7 +1150,9 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
     groups: dict[tuple, list[tuple[int, int]]] = {}  # -> members (position in linear_leaves, layer)
     for j, leaf in enumerate(inputs.leaves):
         if leaf.spec.role is Role.LINEAR and trim_linear:
-            mats = leaf.spec.matrices(leaf.task_vectors, lead=1)  # (K, layers, in, out)
+            # (K, layers, in, out); on one CPU device as NumPy views of the task vectors (a JAX reshape is a copy)
+            on_host = not traced and place is None and jax.default_backend() == "cpu"
+            mats = leaf.spec.matrices(np.asarray(leaf.task_vectors) if on_host else leaf.task_vectors, lead=1)
             check_c(c, mats.shape[-1], leaf.path)
             form, data = linear_inputs(leaf, normalize_by_count)  # (K, layers, ...)
             position = len(linear_leaves)

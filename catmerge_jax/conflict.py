@@ -304,6 +304,18 @@ def _rows_conflict_and_bound(task_vectors: jax.Array, rows: jax.Array, lam: Any)
 
 THIN_PRODUCT_PENALTY = 4.0
 
+ROWS_KRYLOV_PENALTY = 1.25
+"""Cost per flop of the ``"rows_krylov"`` plan's thin (p = 16 column) products against a fat GEMM: about even with
+both operands row-major (measured on 2 CPU cores, (2100, 3072) Z_k)."""
+
+ROWS_KRYLOV_MAX_BYTES = 2 << 30
+"""``"rows_krylov"`` holds every ``Y_ki = X_k T_i`` of a layer (``4·K²·n·out`` bytes); above this it is not chosen
+by ``"auto"`` (the matrix-free plan forms nothing of that size)."""
+
+MATRIX_FREE_OUTPUTS_BYTES = 256 << 20
+"""The matrix-free plan applies ``G_k`` through the K² products ``Y_ki = X_k T_i`` only while they fit in this (and
+are the cheaper way: fewer than ``in / 2`` rows); otherwise through the task vectors, forming nothing K-wide."""
+
 MAX_EXPLICIT_OUT = 16384
 """Above this output width a layer whose statistics are rows is never solved through an explicit ``(out, out)``
 ``G_k`` (≥ 1 GiB of float32 per task), whatever the flop count says: an LLM's LM head (``(d, vocab)``, vocab 32 k –
@@ -314,8 +326,10 @@ class LinearPlan(NamedTuple):
     """How one group of linear layers is solved (all static).
 
     form: ``"gram"`` or ``"rows"`` — what the statistics are given as.
-    strategy: ``"explicit"`` (build ``G_k``), ``"matrix_free"`` (rows only, Krylov on ``Zᵀ D Z``) or
-      ``"low_rank"`` (rows only, exact small eigenproblem in ``range(Zᵀ)``).
+    strategy: ``"explicit"`` (build ``G_k``), ``"matrix_free"`` (rows only, Krylov on ``Zᵀ D Z``),
+      ``"rows_krylov"`` (rows only, Krylov on ``Z_kᵀ D Z_k`` with ``Z_k`` and a row-major ``Z_kᵀ`` both stored: plain
+      GEMMs per step, no ``(out, out)`` matrix) or ``"low_rank"`` (rows only, exact small eigenproblem in
+      ``range(Zᵀ)``).
     solver: ``"eigh"`` or ``"iterative"``.
     flops: estimated flops per layer.
     """
@@ -333,8 +347,9 @@ def plan_linear(num_tasks: int, fan_in: int, fan_out: int, c: int, *, rows: int 
     Args:
       rows: rows per task when the statistics are stored as rows (``None``: Grams only).
       solver: ``"auto"``, ``"eigh"`` or ``"iterative"``.
-      strategy: ``"auto"``, ``"explicit"``, ``"matrix_free"`` or ``"low_rank"`` (both need rows; low_rank is
-        exact and possible when ``2(K−1)·rows + c < out``).
+      strategy: ``"auto"``, ``"explicit"``, ``"matrix_free"``, ``"rows_krylov"`` or ``"low_rank"`` (the last three
+        need rows; low_rank is exact and possible when ``2(K−1)·rows + c < out``; ``"auto"`` considers rows_krylov
+        when ``2(K−1)·rows < out`` and its ``K²`` row products fit :data:`ROWS_KRYLOV_MAX_BYTES`).
     """
     k, a, b = num_tasks, fan_in, fan_out
     candidates = []
@@ -363,6 +378,18 @@ def plan_linear(num_tasks: int, fan_in: int, fan_out: int, c: int, *, rows: int 
         if strategy == "matrix_free" or (cfg.block * (cfg.steps + 1) < b // 2 and b >= MIN_ITERATIVE_N):
             candidates.append(LinearPlan("rows", "matrix_free", "iterative",
                                          rows_y + k * krylov_flops(b, cfg, per_col)))
+    if (rows is not None and strategy in ("auto", "rows_krylov") and solver != "eigh" and c > 0
+            and (strategy == "rows_krylov" or (b < MAX_EXPLICIT_OUT and b >= MIN_ITERATIVE_N
+                                               and 2 * (k - 1) * rows < b  # Z_k narrower than G_k (else: no gain,
+                                               # measured on L/14's MLP-up, m = 10794 rows vs out = 4096)
+                                               and 4.0 * k * k * rows * b <= ROWS_KRYLOV_MAX_BYTES))):
+        # Krylov on G_k = Z_kᵀ D Z_k with Z_k AND a row-major copy of Z_kᵀ: both products of a step are then plain
+        # (m, out) @ (out, p) / (out, m) @ (m, p) GEMMs, which XLA:CPU runs at the fat-product rate (measured 5–6×
+        # faster than Z_kᵀ read transposed); no (out, out) G_k is built.
+        per_col = ROWS_KRYLOV_PENALTY * 4.0 * 2 * (k - 1) * rows * b
+        candidates.append(LinearPlan("rows", "rows_krylov", "iterative",
+                                     rows_y + k * (krylov_flops(b, krylov_config(c, b), per_col)
+                                                   + 2.0 * 2 * (k - 1) * rows * b)))
     if rows is not None and strategy in ("auto", "low_rank") and 2 * (k - 1) * rows + c < b:
         # exact: eigenvectors of G_k = Zᵀ D Z inside range(Zᵀ) plus c null directions (low_rank_bases)
         m = 2 * (k - 1) * rows + c
@@ -388,8 +415,11 @@ def layer_bytes(plan: LinearPlan, num_tasks: int, fan_in: int, fan_out: int, dat
     rows = data_size // (k * fan_in) if plan.form == "rows" else 0
     if plan.strategy == "low_rank":
         operand = k * (2 * (k - 1) * rows + c) * out
-    elif plan.strategy == "matrix_free":
-        operand = k * k * rows * out
+    elif plan.strategy == "matrix_free":  # the K² products Y_ki while they are small, else only (in, in) Grams
+        y = k * k * rows * out
+        operand = y if fan_in > 2 * rows and 4 * y <= MATRIX_FREE_OUTPUTS_BYTES else 2 * k * fan_in * fan_in
+    elif plan.strategy == "rows_krylov":  # all Y_ki, then one task's Z_k and its transposed copy at a time
+        operand = k * k * rows * out + 2 * 2 * (k - 1) * rows * out
     elif _solved_from_rows(plan):
         operand = k * 2 * (k - 1) * rows * out
     else:
@@ -437,8 +467,30 @@ def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: Lin
         bases, values, unresolved = _factored_top(z, d, c)
         return bases, values, jnp.ones(bases.shape[:2], bool), unresolved, bound
 
+    if plan.strategy == "rows_krylov":
+        def rows_layer(t, rows):
+            y = _outputs_by_task(t, rows)  # y[i, k] = X_k T_i (K, K, n, out)
+            n = rows.shape[1]
+            own = jnp.einsum("iinb->inb", y)  # Y_ii (K, n, out)
+            weights = jnp.concatenate([jnp.ones(((num_tasks - 1) * n,), t.dtype),
+                                       -lam * jnp.ones(((num_tasks - 1) * n,), t.dtype)])[:, None]
+
+            def task(k):
+                others = (k + 1 + jnp.arange(num_tasks - 1)) % num_tasks
+                z = jnp.concatenate([jnp.take(y[:, k], others, axis=0), jnp.take(own, others, axis=0)])
+                z = z.reshape(-1, out)  # Z_k (m, out), m = 2(K−1)n: G_k = Z_kᵀ diag(weights) Z_k
+                # A row-major copy of Z_kᵀ (the barrier keeps XLA from folding it back into a transposed read).
+                zt = jax.lax.optimization_barrier(jnp.swapaxes(z, 0, 1))
+                return block_krylov_top(lambda v: zt @ (weights * (z @ v)), c, n=out, config=config)
+
+            res = map_batch(task, jnp.arange(num_tasks), mode=batch_mode)
+            sq = jnp.sum(jnp.square(y), axis=(2, 3)).T  # [k, i] = ‖X_k T_i‖²
+            return res.vectors, res.values, res.converged, krylov_unresolved(res), _bound_from_squares(sq, lam)
+
+        return map_batch(lambda args: rows_layer(*args), (tvs, data), mode=batch_mode)
+
     if plan.strategy == "matrix_free":
-        def layer(t, rows):
+        def layer_through_outputs(t, rows):
             y = jnp.einsum("kna,iab->kinb", rows, t)
 
             def task(k):
@@ -448,6 +500,39 @@ def _group_bases(tvs: jax.Array, data: jax.Array, lam: Any, *, c: int, plan: Lin
             res = map_batch(task, jnp.arange(num_tasks), mode=batch_mode)
             return res.vectors, res.values, res.converged, krylov_unresolved(res), positive_bound(y, lam)
 
+        def layer(t, rows):
+            # G_k v = Σ_{i≠k} T_iᵀ (A_k − λ A_i) T_i v with A_i = X_iᵀX_i (in, in): applied through the task vectors
+            # themselves, so nothing of the output's width but (out, p) blocks is ever formed (the rows products
+            # Y_ki = X_k T_i are (n, out) each: K² of them are GiBs for an LM head, out = vocab). The same flops as
+            # through Y when n ≈ in / 2; fewer in total, as no Y is built first.
+            grams = jnp.einsum("ina,inc->iac", rows, rows)
+            outer = jnp.einsum("iab,icb->iac", t, t)  # T_i T_iᵀ (K, in, in)
+            sq = jnp.einsum("kac,iac->ki", grams, outer)  # ‖X_k T_i‖² = ⟨A_k, T_i T_iᵀ⟩ (k, i)
+            flat = t.reshape(-1, out)  # (K·in, out)
+
+            def task(k):
+                w = _others_weight(k, num_tasks, t.dtype)[:, None, None]
+                mixed = w * (grams[k][None] - lam * grams)  # (K, in, in), zero for i = k
+
+                def operator(v):
+                    u = (flat @ v).reshape(num_tasks, -1, v.shape[-1])  # T_i v (K, in, p)
+                    m = jnp.einsum("iac,icp->iap", mixed, u).reshape(flat.shape[0], -1)
+                    # (mᵀ T)ᵀ over the flat (K·in, out) T: XLA:CPU reads T in place (an einsum over (i, a) got
+                    # T transposed into a copy)
+                    return (m.T @ flat).T
+
+                return block_krylov_top(operator, c, n=out, config=config)
+
+            res = map_batch(task, jnp.arange(num_tasks), mode=batch_mode)
+            return res.vectors, res.values, res.converged, krylov_unresolved(res), _bound_from_squares(sq, lam)
+
+        n = data.shape[2]
+        if tvs.shape[2] > 2 * n and 4 * num_tasks * num_tasks * n * out <= MATRIX_FREE_OUTPUTS_BYTES:
+            # few rows: applying G_k through the K² products Y_ki (8·K·n·out flops per column) is cheaper than
+            # through T (4·K·in·out), and they are small
+            layer = layer_through_outputs
+        if tvs.shape[0] == 1:  # one layer (an LM head): no loop, whose sliced operand would be a copy of the layer
+            return jax.tree.map(lambda x: x[None], layer(tvs[0], data[0]))
         return map_batch(lambda args: layer(*args), (tvs, data), mode=batch_mode)
 
     if plan.solver == "eigh":

@@ -403,14 +403,17 @@ def _whiten_columns(w: jax.Array) -> jax.Array:
     return w @ (e * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, mu, 1.0)), 0.0))
 
 
-def _orthonormalize_against(w: jax.Array, basis: jax.Array) -> jax.Array:
+def _orthonormalize_against(w: jax.Array, basis: jax.Array, basis_t: jax.Array | None = None) -> jax.Array:
     """``w`` (n, p) made orthonormal and orthogonal to the columns of ``basis`` (n, m; zero columns are inert).
 
     Two Gram–Schmidt passes, each followed by whitening ("twice is enough"), keep the basis orthonormal to
-    float precision even when ``w`` lies nearly inside ``span(basis)``.
+    float precision even when ``w`` lies nearly inside ``span(basis)``. ``basis_t``: a row-major copy of
+    ``basisᵀ`` (m, n), so that both products are plain GEMMs (XLA:CPU reads a transposed operand several times
+    slower).
     """
+    basis_t = basis.T if basis_t is None else basis_t
     for _ in range(2):
-        w = w - basis @ (basis.T @ w)
+        w = w - basis @ (basis_t @ w)
         w = _whiten_columns(w)
     return w
 
@@ -421,29 +424,34 @@ def _krylov_pass(matvec: Callable[[jax.Array], jax.Array], start: jax.Array, c: 
     m = p * (steps + 1)
     dtype = start.dtype
     q0 = _whiten_columns(start)
+    # The basis is kept twice, (n, m) and transposed (m, n), and the images transposed (m, n): every product of
+    # the loop and of the Rayleigh–Ritz step is then a plain row-major GEMM (measured ≈ 3× faster on CPU than
+    # reading the (n, m) basis transposed).
     basis = jnp.zeros((n, m), dtype).at[:, :p].set(q0)
-    images = jnp.zeros((n, m), dtype)  # images[:, j] = G basis[:, j]
+    basis_t = jnp.zeros((m, n), dtype).at[:p].set(q0.T)
+    images_t = jnp.zeros((m, n), dtype)  # images_t[j] = (G basis[:, j])ᵀ
 
     def body(j, carry):
-        basis, images = carry
+        basis, basis_t, images_t = carry
         block = jax.lax.dynamic_slice_in_dim(basis, j * p, p, axis=1)
         image = matvec(block)
-        images = jax.lax.dynamic_update_slice_in_dim(images, image, j * p, axis=1)
-        nxt = _orthonormalize_against(image, basis)
+        images_t = jax.lax.dynamic_update_slice_in_dim(images_t, image.T, j * p, axis=0)
+        nxt = _orthonormalize_against(image, basis, basis_t)
         basis = jax.lax.dynamic_update_slice_in_dim(basis, nxt, (j + 1) * p, axis=1)
-        return basis, images
+        basis_t = jax.lax.dynamic_update_slice_in_dim(basis_t, nxt.T, (j + 1) * p, axis=0)
+        return basis, basis_t, images_t
 
-    basis, images = jax.lax.fori_loop(0, steps, body, (basis, images))
+    basis, basis_t, images_t = jax.lax.fori_loop(0, steps, body, (basis, basis_t, images_t))
     last = jax.lax.dynamic_slice_in_dim(basis, steps * p, p, axis=1)
-    images = jax.lax.dynamic_update_slice_in_dim(images, matvec(last), steps * p, axis=1)
+    images_t = jax.lax.dynamic_update_slice_in_dim(images_t, matvec(last).T, steps * p, axis=0)
 
     # Rayleigh–Ritz, robust to a (numerically) rank-deficient basis (an exhausted Krylov space): whiten by the
     # basis Gram and send discarded directions to -inf so they are never chosen as top Ritz pairs.
-    gram = basis.T @ basis
+    gram = basis_t @ basis
     mu, e = jnp.linalg.eigh(gram)
     keep = mu > m * jnp.finfo(dtype).eps * jnp.max(mu)
     whiten = e * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, mu, 1.0)), 0.0)
-    h = whiten.T @ (basis.T @ images) @ whiten
+    h = whiten.T @ (basis_t @ images_t.T) @ whiten
     h = 0.5 * (h + h.T)
     big = 4.0 * (jnp.max(jnp.abs(h)) + 1.0)
     h = h - jnp.diag(jnp.where(keep, 0.0, big))
@@ -451,7 +459,7 @@ def _krylov_pass(matvec: Callable[[jax.Array], jax.Array], start: jax.Array, c: 
     theta, s = theta[::-1], s[:, ::-1]
     coeff = whiten @ s[:, : p]
     ritz = basis @ coeff  # (n, p)
-    image = images @ coeff
+    image = (coeff.T @ images_t).T
     res = jnp.linalg.norm(image - ritz * theta[None, :p], axis=0)  # (p,)
     rank = jnp.sum(keep)
     # Krylov Ritz values converge at both ends: the extreme valid ones estimate ‖G‖.

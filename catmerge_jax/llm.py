@@ -23,18 +23,26 @@ folder beside ``--out`` that is renamed into place at the end (:mod:`catmerge_ja
 non-finite merged tensor leaves nothing behind. Padding never counts: exemplars are padded on the right and the
 token mask drops pad rows from every statistic.
 
-**Memory.** With K tasks, a block of ``P_b`` parameters, an embedding table of ``P_e`` (and an untied head of as
-many), ``N_k`` exemplars of ``S_k`` tokens each, the peak is about::
+**Memory.** With K tasks whose weights are stored in ``s`` bytes (2 for bf16), a stage of ``P`` parameters (the
+embedding table and an untied head ``P_e = vocab·d`` each, a block ``P_b``), ``N_k`` exemplars of ``S_k`` tokens
+each, the peak is about::
 
-    max( (2K + 2)·4·P_e,                       embeddings (and an untied head): K + 1 tables in float32, K task
-                                               vectors, the merged table
-         (2K + 2)·4·P_b + stats_b + workspace_b )   one block of every model in float32, K task vectors, the merge
-    + Σ_k 4·N_k·S_k·d                                     each task's hidden states
-    + the process (JAX, compiled programs)
+    max(stage(P_e), stage(P_b)) + Σ_k 4·N_k·S_k·d + the process
+    stage(P) = (4 + s·K + 4·K + 4·w)·P + stats
 
-where ``stats_b`` is each task's block statistics (a Gram ``in²`` or rows ``n·in`` per linear leaf) and
-``workspace_b`` the method's (CAT: task vectors and conflict operands, chunked by
-``catmerge_jax.cat.GROUP_BYTES``). Nothing in it grows with the number of layers.
+    4·P       the base's stage in float32            s·K·P   the K fine-tuned stages as stored (merged from there:
+    4·K·P     the K float32 task vectors                     every method widens W_k exactly)
+    4·w·P     the method's own stage-sized arrays at its peak: w ≈ 3 for CAT (Σ_k T̃_k, the merged stage, one
+              transient; its vocabulary-wide solve adds only (vocab × Krylov columns) blocks), w ≈ 4 for RegMean
+              (W̄, one W_k − W̄ and its G̃_k product, the running sum); nothing K-wide
+    stats     each task's statistics of the stage (a Gram in² or rows n·in per linear leaf)
+    Σ_k ...   each task's hidden states;  the process: JAX, compiled programs, the allocator's retained pages
+
+Nothing in it grows with the number of layers, and no term is ``K²`` or ``K·vocab·n``: the CAT solve of a head
+applies ``G_k`` through the task vectors (:func:`catmerge_jax.conflict.linear_group_bases`, matrix-free plan),
+never forming the K² products ``X_k T_i`` (measured in ``experiments/results/bench_llm_exemplars.log`` and
+``docs/llm.md``, checked on the programs by ``tests/test_llm_memory.py``). After each stage the C heap's freed pages
+are handed back (``malloc_trim``) so the next stage starts from the process's floor.
 
 Methods that need exemplar-derived inputs of the whole model (``fisher``: gradients of the logits) run in memory
 through :func:`catmerge_jax.pipeline.merge_checkpoints` instead.
@@ -198,20 +206,46 @@ def _check_layout(base, tasks, expected: Mapping[str, tuple[str, str]], shapes: 
     return aside
 
 
-def _load_stage(model: _Model, stage: Stage) -> dict[str, np.ndarray]:
-    """``{Flax path: float32 array}`` of one stage of one model (memory-mapped reads, kernels transposed)."""
+def _load_stage(model: _Model, stage: Stage, *, widen: bool = True) -> dict[str, np.ndarray]:
+    """``{Flax path: array}`` of one stage of one model (memory-mapped reads, kernels transposed), in float32 or,
+    with ``widen=False``, in the stored dtype: a fine-tuned model's copy held through the merge then takes half the
+    bytes of a float32 one for bf16 weights (every method widens ``W_k`` exactly to the base's float32 before
+    subtracting ``W0``, so the merge is the same)."""
     out = {}
     for path, (key, transform) in stage.leaves.items():
-        value = model.folder.read_float32(key)
-        out[path] = np.ascontiguousarray(value.T) if transform == "transpose" else value
+        value = model.folder.read(key)
+        value = value.T if transform == "transpose" else value
+        out[path] = np.array(value, dtype=np.float32 if widen else value.dtype, order="C")
     return out
 
 
 def _feature(base: Mapping[str, np.ndarray], task: Mapping[str, np.ndarray], scale: float) -> dict:
-    """Task k's model for its statistics: ``W0 + s·(W_k − W0)`` (``s = 1``: ``W_k`` itself)."""
+    """Task k's model for its statistics, in float32: ``W0 + s·(W_k − W0)`` (``s = 1``: ``W_k`` itself)."""
     if scale == 1.0:
-        return dict(task)
-    return {p: (base[p] + np.float32(scale) * (task[p] - base[p])).astype(np.float32) for p in base}
+        return {p: np.asarray(v, np.float32) for p, v in task.items()}
+    return {p: (base[p] + np.float32(scale) * (task[p].astype(np.float32) - base[p])).astype(np.float32)
+            for p in base}
+
+
+def _aliased(flat: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """JAX arrays over the same memory as ``flat``'s NumPy arrays where the device allows it (CPU), else copies
+    (the arrays are this module's own reads and are never written to)."""
+    try:
+        return {p: jax.device_put(v, may_alias=True) for p, v in flat.items()}
+    except TypeError:  # a JAX before device_put's may_alias (0.4.36)
+        return {p: jax.device_put(v) for p, v in flat.items()}
+
+
+def _release_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the system (glibc ``malloc_trim``; nothing elsewhere). XLA:CPU's
+    buffers below glibc's mmap threshold come from the heap, and the pages a stage freed would otherwise stay in the
+    process's resident set while the next stage maps new ones."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,6 +403,8 @@ def merge_folders_layerwise(method: Any, base_dir: str | os.PathLike, task_dirs:
                     writer.write(key, _finite(value, DTYPES[base.folder.tensors[key].dtype], path, key))
 
             def merge(stage: Stage, w0: dict, fts: list[dict], stats: list[dict]) -> dict:
+                # the method's inputs alias the arrays just read (no copy of K + 1 vocabulary-wide tables)
+                w0, fts = _aliased(w0), [_aliased(f) for f in fts]
                 tree0 = _nest(w0)
                 stats_trees = [stats_from_arrays(tree0, s) for s in stats]
                 try:
@@ -392,7 +428,7 @@ def merge_folders_layerwise(method: Any, base_dir: str | os.PathLike, task_dirs:
                 w0 = _load_stage(base, stage)
                 fts, stats = [], []
                 for k, task in enumerate(tasks):
-                    ft = _load_stage(task, stage)
+                    ft = _load_stage(task, stage, widen=False)
                     feature = _feature(w0, ft, feature_scale)
                     ids, mask = inputs[k]
                     if stage.name == "embed":
@@ -415,7 +451,7 @@ def merge_folders_layerwise(method: Any, base_dir: str | os.PathLike, task_dirs:
                         stats.append({f"model/layers/{i}/{p}": s for p, s in rel.items()})
                         hidden[k] = run_layer(sliding, params, hidden[k], positions[k], mask)
                     fts.append(ft)
-                    del feature
+                    feature = params = None   # task k's float32 copy goes before task k + 1's is made
                 merged = merge(stage, w0, fts, stats)
                 write(merged, stage)
                 if stage.name == "embed":   # a tied head's copy, written from the merged table: it stays tied
@@ -423,6 +459,7 @@ def merge_folders_layerwise(method: Any, base_dir: str | os.PathLike, task_dirs:
                         writer.write(key, _finite(np.asarray(merged[embed_path]),
                                                   DTYPES[base.folder.tensors[key].dtype], embed_path, key))
                 del w0, fts, stats, merged
+                _release_freed_memory()
             bar.close()
             writer.close()
             _copy_non_weights(base.folder.path, tmp)

@@ -84,6 +84,24 @@ def write_exemplars(size: str, folders: list[str]) -> list[str]:
     return files
 
 
+# catmerge_jax/llm.py's memory formula: stage(P) = (4 + s·K + 4·K + 4·w)·P + stats, for the vocabulary-wide stages
+# (embedding, untied head: P = vocab·d), + the hidden states Σ_k 4·N_k·S_k·d, + the process; w: the method's own
+# stage-sized arrays (CAT 3, RegMean 4).
+WORKSPACE = {"catmerge_cat": 3, "catmerge_regmean": 4}
+TOKENS = 64                               # exemplars are padded to ~64 tokens
+
+
+def formula_mib(size: str, job: str, stored_bytes: int = 2) -> float | None:
+    """The formula's arrays (without the process) for ``job`` on ``size``, in MiB."""
+    if job not in WORKSPACE:
+        return None
+    s, k = bench_llm.SIZES[size], bench_llm.TASKS
+    p_e = s.vocab * s.hidden
+    stage = (4 + stored_bytes * k + 4 * k + 4 * WORKSPACE[job]) * p_e + 4 * k * TOKENS * LINES * s.hidden  # + rows
+    hidden = 4 * k * LINES * TOKENS * s.hidden
+    return round((stage + hidden) / 2 ** 20, 1)
+
+
 class Job(NamedTuple):
     name: str
     argv: list[str]
@@ -161,7 +179,21 @@ def agreement(base_dir: str, ours_dir: str, torch_npz: str) -> dict:
     return out
 
 
-def run(size: str, log, only: list[str] | None = None) -> dict:
+def previous_rows(path: str, size: str, job: str) -> list[dict]:
+    """``job``'s rows for ``size`` in an earlier results file (``[]`` if none), marked as carried over."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return []
+    rows = [dict(r) for r in earlier.get("jobs", []) if r.get("size") == size and r.get("job") == job]
+    for r in rows:
+        r.setdefault("carried_over", f"not rerun: the row of the earlier committed run of the same command in {path} "
+                                     f"(git log -- {os.path.relpath(path, ROOT)})")
+    return rows
+
+
+def run(size: str, log, only: list[str] | None = None, carried: list[dict] | None = None) -> dict:
     t = time.perf_counter()
     folders = bench_llm.make_folders(size)
     exemplars = write_exemplars(size, folders)
@@ -176,15 +208,26 @@ def run(size: str, log, only: list[str] | None = None) -> dict:
         rows.append({"size": size, **row})
         print(f"{size:13s} {row['job']:20s} {row['wall_s']:8.1f} s {row['peak_rss_mib']:9.0f} MiB  "
               f"(load {row['load_before'][0]} -> {row['load_after'][0]})", flush=True)
+    for row in carried or []:      # the PyTorch job's figure from the earlier run, when it is not rerun
+        log.write(f"\n=== {row['job']}: NOT RERUN; {row['carried_over']}: {json.dumps(row)}\n")
+        rows.append(row)
     reference = next((r for r in rows if r["job"].startswith("torch")), None)
     for row in rows:
         row["wall_ratio_torch_over_this"] = reference and round(reference["wall_s"] / row["wall_s"], 2)
         row["rss_ratio_this_over_torch"] = reference and round(row["peak_rss_mib"] / reference["peak_rss_mib"], 3)
         if row["job"].startswith("catmerge"):
             row["memory_target_met"] = row["peak_rss_mib"] * 2 ** 20 < MEMORY_TARGET_BYTES
+            row["formula_arrays_mib"] = formula_mib(size, row["job"])
+            row["process_mib"] = round(row["peak_rss_mib"] - row["formula_arrays_mib"], 1)
+            log.write(f"{size} {row['job']}: peak RSS {row['peak_rss_mib']} MiB = formula's arrays "
+                      f"{row['formula_arrays_mib']} MiB (llm.py: (4 + s·K + 4·K + 4·w)·vocab·d + rows + hidden states, "
+                      f"s = 2, K = {bench_llm.TASKS}, w = {WORKSPACE[row['job']]}) + {row['process_mib']} MiB process; "
+                      f"target {MEMORY_TARGET_BYTES / 2 ** 20:.0f} MiB (3e9 B): "
+                      f"{'met' if row['memory_target_met'] else 'NOT met'}\n")
     done = {r["job"] for r in rows}
-    agree = agreement(folders[0], os.path.join(out_dir, "catmerge_cat"), os.path.join(out_dir, "torch_cat.npz")
-                      ) if {"catmerge_cat", "torch_cat_hooks_f32"} <= done else None
+    torch_npz = os.path.join(out_dir, "torch_cat.npz")   # a carried-over row's dump is the earlier run's
+    agree = agreement(folders[0], os.path.join(out_dir, "catmerge_cat"), torch_npz
+                      ) if {"catmerge_cat", "torch_cat_hooks_f32"} <= done and os.path.exists(torch_npz) else None
     return {"rows": rows, "agreement": agree}
 
 
@@ -208,13 +251,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(RESULTS, "bench_llm_exemplars"))
     parser.add_argument("--only", nargs="+", choices=["catmerge_cat", "catmerge_regmean", "torch_cat_hooks_f32"],
                         help="run only these jobs (default: all three)")
+    parser.add_argument("--skip-torch", action="store_true",
+                        help="run only catmerge's jobs; the PyTorch-hook job's row (≈ 27 min for 245m_4layers) is "
+                             "carried over from the earlier results file --out.json, marked so, and the agreement is "
+                             "computed against that run's float32 dump if it is still in the work folder")
     args = parser.parse_args(argv)
+    if args.skip_torch:
+        args.only = [j for j in (args.only or ["catmerge_cat", "catmerge_regmean"]) if not j.startswith("torch")]
+    carried = {size: previous_rows(args.out + ".json", size, "torch_cat_hooks_f32") if args.skip_torch else []
+               for size in args.sizes}
     rows, agree = [], {}
     with open(args.out + ".log", "w") as log:
         log.write(f"bench_llm_exemplars: {time.strftime('%Y-%m-%d %H:%M:%S')} cpus={os.cpu_count()} "
                   f"load={os.getloadavg()} (a shared machine: other work may run meanwhile)\n")
         for size in args.sizes:   # results rewritten after each size, so a long later size keeps the earlier ones
-            result = run(size, log, args.only)
+            result = run(size, log, args.only, carried[size])
             rows += result["rows"]
             agree[size] = result["agreement"]
             text = table(rows)

@@ -127,6 +127,36 @@ def lapack_floor(groups: list[dict], num_tasks: int, rows: int, c: int, repeats:
     return total, per_group
 
 
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """This process's float32 matmul rate (flop/s): the fastest of ``repeats`` jitted ``size``² products."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
+    product = jax.jit(lambda x: x @ x)
+    seconds, _ = fastest(lambda: product(a), repeats + 1)
+    return 2.0 * size ** 3 / seconds
+
+
+def plan_work_flops(group: dict, num_tasks: int, rows: int, c: int) -> float:
+    """Flops one layer of ``group`` must do under its plan, as a bound from below: the products ``Y_ki = X_k T_i``
+    for all K² pairs, the ``(out, out)`` ``G_k`` build where the plan forms it (all K² blocks of rows, or the
+    Grams), and ONE block Krylov pass (no restart) through the plan's operator, or the dense eigh's 9·out³."""
+    from catmerge_jax.linalg import eigh_flops, krylov_config, krylov_flops
+
+    k, (a, b) = num_tasks, group["shape"]
+    strategy, solver, form = group["strategy"], group["solver"], group["form"]
+    y = k * k * 2.0 * rows * a * b if form == "rows" else 0.0
+    cfg = krylov_config(c, b)
+    if strategy == "rows_krylov":
+        return y + k * krylov_flops(b, cfg, 4.0 * 2 * (k - 1) * rows * b, expected_restarts=1)
+    if strategy == "matrix_free":
+        return y + k * krylov_flops(b, cfg, 8.0 * k * rows * b, expected_restarts=1)
+    if strategy == "low_rank":
+        m = 2 * (k - 1) * rows + c
+        return y + k * (4.0 * b * m * m + eigh_flops(m))
+    build = k * k * 2.0 * rows * b * b if form == "rows" else k * k * (2.0 * a * a * b + 2.0 * a * b * b)
+    solve = eigh_flops(b) if solver == "eigh" else krylov_flops(b, cfg, expected_restarts=1)
+    return y + build + k * solve
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -347,7 +377,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke test)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--solver", default="auto", choices=("auto", "eigh", "iterative"))
-    parser.add_argument("--strategy", default="auto", choices=("auto", "explicit", "matrix_free"))
+    parser.add_argument("--strategy", default="auto",
+                        choices=("auto", "explicit", "matrix_free", "rows_krylov", "low_rank"))
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--lam", type=float, default=5.0)
     parser.add_argument("--c", type=int, default=3)
@@ -409,10 +440,22 @@ def main(argv=None) -> int:
         return cat_merge_batched(base_tree, ft_trees, stats, timings=clock, **kwargs), clock
 
     merge_s, (merged, timings) = fastest(timed_merge, args.repeats)
-    rec.say(f"linear solves: {timings['solves']}, eigh fallbacks: {timings['fallbacks']}")
+    rate = matmul_rate()
+    rec.say(f"linear solves: {timings['solves']}, eigh fallbacks: {timings['fallbacks']}; float32 matmul rate "
+            f"{rate / 1e9:.1f} GFLOP/s (2048² products, fastest of 6, this process)")
+    floor_total, bases_total = 0.0, 0.0
     for g in timings["groups"]:
+        work = g["layers"] * plan_work_flops(g, num_tasks, args.exemplars * tokens, args.c)
+        g["floor_gflop"], g["floor_seconds"] = work / 1e9, work / rate
+        floor_total += work / rate
+        bases_total += g["bases_seconds"]
         rec.say(f"  group {g['shape']} × {g['layers']} layers: {g['strategy']}/{g['solver']} ({g['form']}), "
-                f"{g['fallbacks']} fallbacks, bases {g['bases_seconds']:.2f} s")
+                f"{g['fallbacks']} fallbacks, bases {g['bases_seconds']:.2f} s; floor: {work / 1e9:.0f} GFLOP / "
+                f"{rate / 1e9:.1f} GFLOP/s = {work / rate:.2f} s (bases at {g['bases_seconds'] / (work / rate):.1f}× "
+                f"the floor)")
+    rec.say(f"floor, all linear groups: {floor_total:.2f} s; bases {bases_total:.2f} s = "
+            f"{bases_total / max(floor_total, 1e-9):.1f}× the floor")
+    rec.data["floor"] = {"matmul_gflops": rate / 1e9, "seconds": floor_total, "bases_seconds": bases_total}
     rec.data["jax"] = {"solves": timings["solves"], "fallbacks": timings["fallbacks"],
                        "unresolved": len(timings.get("unresolved", [])), "groups": timings["groups"]}
     floor_s, floor_groups = lapack_floor(timings["groups"], num_tasks, args.exemplars * tokens, args.c, args.repeats)
@@ -469,6 +512,11 @@ def main(argv=None) -> int:
         table.append({"stage": label, "jax_s": jax_s, "torch_s": torch_s,
                       "ratio": None if torch_s is None or jax_s <= 0 else torch_s / jax_s})
     rec.data["table"] = table
+    floor = rec.data["floor"]["seconds"]
+    line = f"merge total {merge_s:.2f} s; floor of its linear solves {floor:.2f} s (merge at {merge_s / floor:.1f}× it)"
+    if not args.skip_torch:
+        line += f"; {torch_times[3] / merge_s:.1f}× the PyTorch reference's merge"
+    rec.say(line)
     status = 0
     if not args.skip_torch and worst > args.tolerance:
         rec.say(f"FAILED: relative error {worst:.2e} > {args.tolerance:.0e}")

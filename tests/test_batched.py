@@ -121,6 +121,20 @@ def test_matrix_free_and_gram_forms_equal_float64_reference(solver_paths):
     assert tr.compare(cat_merge_batched(w0, fts, st, lam=0.5, c=2, solver="eigh"), want, w0)[1] < 2e-4
 
 
+def test_rows_krylov_equals_float64_reference(solver_paths):
+    """The rows-Krylov plan (block Lanczos on G_k = Z_kᵀ D Z_k, Z_k and Z_kᵀ both stored) gives the float64
+    reference's merge, on CPU and on the accelerator branches."""
+    w0, fts, st = _problem()
+    _assert_well_posed(w0, fts, st, 2.0, 2)
+    want = tr.reference_cat_merge(w0, fts, st, alpha=0.4, lam=2.0, c=2)
+    timings = {}
+    out = cat_merge_batched(w0, fts, st, alpha=0.4, lam=2.0, c=2, solver="iterative", strategy="rows_krylov",
+                            timings=timings)
+    assert {g["strategy"] for g in timings["groups"]} == {"rows_krylov"}
+    assert timings["solves"] == 3 * K and timings["fallbacks"] == 0
+    assert tr.compare(out, want, w0)[1] < 2e-4
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Designed spectra: the Krylov space well below `out`, acceptance by the residual test, and the eigh fallback.
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,8 +254,11 @@ def test_eigh_fallback_runs_exactly_for_unresolvable_gaps(monkeypatch, form, sol
 
 
 def test_plan_prefers_cheap_forms():
-    # ViT-B/32 MLP-up with 3 × 50 exemplar tokens: building G_k from X_k T_i rows beats the thin matrix-free products
-    assert plan_linear(8, 768, 3072, 3, rows=150)[:3] == ("rows", "explicit", "iterative")
+    # ViT-B/32 MLP-up with 3 × 50 exemplar tokens: Krylov on Z_kᵀ D Z_k (both layouts stored) beats building the
+    # 3072² G_k; the square and MLP-down layers still build G_k
+    assert plan_linear(8, 768, 3072, 3, rows=150)[:3] == ("rows", "rows_krylov", "iterative")
+    assert plan_linear(8, 768, 768, 3, rows=150)[:3] == ("rows", "explicit", "iterative")
+    assert plan_linear(8, 3072, 768, 3, rows=150)[:3] == ("rows", "explicit", "iterative")
     # very wide layers with many rows: never form the 16384² G_k
     assert plan_linear(8, 1024, 16384, 3, rows=1200).strategy == "matrix_free"
     # few rows: the exact small eigenproblem in range(Zᵀ)

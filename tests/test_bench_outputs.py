@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from experiments import bench_merge, bench_streaming
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +72,12 @@ def test_bench_merge_writes_its_table(tmp_path):
         assert g["calls"].startswith(f"{count} QR ({ran['shape'][1]}, " if ran["strategy"] == "low_rank"
                                      else f"{count} top-4 of {ran['shape'][1]}²"), g
     assert floor["seconds"] == sum(g["seconds"] for g in floor["groups"])
+    # the matmul floor: per group flops / the rate measured in the run, summed, and printed per group
+    roof = data["floor"]
+    assert roof["seconds"] == pytest.approx(sum(g["floor_seconds"] for g in data["jax"]["groups"]))
+    for g in data["jax"]["groups"]:
+        assert g["floor_seconds"] == pytest.approx(g["floor_gflop"] / roof["matmul_gflops"])
+        assert f"floor: {g['floor_gflop']:.0f} GFLOP / {roof['matmul_gflops']:.1f} GFLOP/s" in log
 
 
 def test_bench_solvers_and_streaming_write_their_files(tmp_path, capsys):

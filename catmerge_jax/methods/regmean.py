@@ -96,14 +96,32 @@ def regmean_linear(kernels: jax.Array, grams: jax.Array, alpha: float | jax.Arra
     lhs = shrunk.sum(0)
     # Solve for the deviation from the plain mean: the same W when Σ G̃ is nonsingular, better conditioned in
     # floating point, and exactly W_1 for K = 1 (a zero right-hand side).
-    mean = kernels.mean(0)
-    rhs = jnp.einsum("kab,kbo->ao", shrunk, kernels - mean[None], precision=_HIGHEST)
+    mean = _task_sum(kernels) / kernels.shape[0]
+    # Σ_k G̃_k (W_k − W̄) one task at a time (a loop: one product alive at a time): as one einsum over (k, in),
+    # XLA:CPU first copied the whole (K, in, out) difference, transposed (GiBs for an LLM's LM head)
+    rhs = jax.lax.fori_loop(0, kernels.shape[0], lambda k, acc: acc + jnp.matmul(shrunk[k], kernels[k] - mean,
+                                                                               precision=_HIGHEST),
+                            jnp.zeros_like(mean))
     # A zero diagonal entry of Σ G̃ means that input is zero on every exemplar of every task (its Gram row and
     # column vanish too): the system says nothing about that kernel row, which stays at the plain mean.
     dead = jnp.diagonal(lhs) <= 0
     lhs = jnp.where(jnp.eye(lhs.shape[0], dtype=bool) & dead[:, None], 1, lhs)
     rhs = jnp.where(dead[:, None], 0, rhs)
     return mean + jnp.linalg.solve(lhs, rhs)
+
+
+def _task_sum(stack: Any) -> jax.Array:
+    """``Σ_k stack[k]`` as explicit adds (XLA:CPU's reduce over a leading axis first copies the stack transposed)."""
+    total = stack[0]
+    for k in range(1, len(stack)):
+        total = total + stack[k]
+    return total
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _stacked_task_vectors(base: jax.Array, tasks: list[Any], dtype: Any) -> jax.Array:
+    """``(K, *shape)``: ``W_k − W0`` in ``dtype``, written straight into the stack (one program, no K temporaries)."""
+    return jnp.stack([jnp.asarray(t).astype(dtype) - base.astype(dtype) for t in tasks])
 
 
 class _Inputs(NamedTuple):
@@ -139,7 +157,7 @@ def _leaf_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTr
         if per_task[0].count is not None and np.ndim(per_task[0].count) > 0:
             spec = with_stacking(spec, base.shape, np.ndim(per_task[0].count))
             check_spec(path, base.shape, spec)
-        tvs = jnp.stack([jnp.asarray(t[j]).astype(dt) - base.astype(dt) for t in task_leaves])
+        tvs = _stacked_task_vectors(base, [t[j] for t in task_leaves], np.dtype(dt))
         leaves.append(LeafInput(path, spec, tvs, per_task))
         bases.append(base)
     return _Inputs(leaves, bases, treedef, view.rebuild)
@@ -192,7 +210,7 @@ def _regmean_leaf(base: jax.Array, task_vectors: jax.Array, grams: jax.Array, al
 @jax.jit
 def _mean_leaf(base: jax.Array, task_vectors: jax.Array) -> jax.Array:
     dt = task_vectors.dtype
-    return (base.astype(dt) + task_vectors.mean(0)).astype(base.dtype)
+    return (base.astype(dt) + _task_sum(task_vectors) / task_vectors.shape[0]).astype(base.dtype)
 
 
 def _check_determined(path: str, grams: jax.Array, per_task: Sequence[LeafStats]) -> None:
