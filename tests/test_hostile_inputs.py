@@ -608,10 +608,27 @@ def test_sigterm_removes_the_temporary_folder(env, tmp_path):
     assert os.listdir(tmp_path) == []                               # neither temp folder nor --out
 
 
+@pytest.fixture
+def interpreter_signal_handlers():
+    """The handlers a fresh ``catmerge`` process has (Python's ``default_int_handler`` for SIGINT, the system
+    default for SIGTERM), restored afterwards. A test that raises signals in-process must not depend on what the
+    test runner or an earlier test in the same worker left installed: one CI run found SIGINT not raising
+    ``KeyboardInterrupt`` in an xdist worker (its handler had been replaced), and the test failed for that alone."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+
 @pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"),
                                                    (signal.SIGTERM, 128 + signal.SIGTERM, "terminated")])
 def test_signal_right_after_mkdir_leaves_no_temporary_folder(env, capsys, tmp_path, monkeypatch, signum, status,
-                                                              word):
+                                                              word, interpreter_signal_handlers):
     """10. A signal delivered the instant ``mkdir`` has made the temporary folder (before any code could take
     charge of removing it) still ends with the folder removed: creation runs with the signals deferred."""
     real_mkdir = os.mkdir
