@@ -95,6 +95,19 @@ def capture(folder: str, exemplar_file: str, tokenizer) -> dict[str, dict]:
     return stats
 
 
+def project_out_others(t: torch.Tensor, bases: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Algorithm 1's trimming of stacked task vectors ``t`` (K, in, out): from each ``T_i`` remove, one task after
+    another, its component in every other task's basis ``B_k`` (out, c_k); returned as ``(out, in)`` weights."""
+    trimmed = []
+    for i in range(len(t)):
+        ti = t[i].clone()
+        for k in range(len(t)):
+            if k != i:
+                ti = ti - (ti @ bases[k]) @ bases[k].T
+        trimmed.append(ti.T)
+    return trimmed
+
+
 def cat_merge(base: dict, tasks: list[dict], stats: list[dict], *, alpha=0.3, lam=5.0, c=3) -> dict:
     num = len(tasks)
     out = {}
@@ -118,13 +131,7 @@ def cat_merge(base: dict, tasks: list[dict], stats: list[dict], *, alpha=0.3, la
                 values, vectors = torch.linalg.eigh(g)  # ascending
                 top_values, top = values[-c:], vectors[:, -c:]
                 bases.append(top[:, top_values > POSITIVE_RTOL * bound])
-            trimmed = []
-            for i in range(num):
-                ti = t[i].clone()
-                for k in range(num):
-                    if k != i:
-                        ti = ti - (ti @ bases[k]) @ bases[k].T
-                trimmed.append(ti.T)
+            trimmed = project_out_others(t, bases)
         elif kind in ("scale", "shift"):
             sq = t ** 2
             if kind == "scale":
@@ -197,6 +204,8 @@ def ties_merge(base: dict, tasks: list[dict], *, k=0.2, alpha=1.0) -> dict:
 
 
 def write_folder(out_dir: str, base_dir: str, state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> None:
+    """``out_dir`` with the base folder's other files and ``model.safetensors`` holding ``state`` (cast to the
+    base's dtypes) where it has a key, else the base's tensor."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir)
@@ -205,7 +214,7 @@ def write_folder(out_dir: str, base_dir: str, state: dict[str, torch.Tensor], ba
         if name == "model.safetensors" or name.startswith("."):
             continue
         (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, os.path.join(out_dir, name))
-    full = {k: (state[k] if k in state else v).contiguous() for k, v in base.items()}
+    full = {k: (state[k] if k in state else v).to(v.dtype).contiguous() for k, v in base.items()}
     save_file(full, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 

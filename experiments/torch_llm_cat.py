@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -36,14 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-POSITIVE_RTOL = 100.0 * float(np.finfo(np.float32).eps)
+# The PyTorch CLI job's folder I/O and ordered projection (same rules; this script adds the LLM capture and the
+# low-rank solve a vocabulary-wide head needs). Run as a script, its own folder is on sys.path.
+from torch_cli_job import POSITIVE_RTOL, project_out_others, read_state, write_folder
+
 MAX_TOKENS = 128
-
-
-def read_state(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(folder, "model.safetensors"))
 
 
 def tokenize(base: str, exemplar_file: str):
@@ -141,13 +137,7 @@ def cat_merge(base: dict, tasks: list[dict], stats: list[dict], *, alpha=0.3, la
             t = t.transpose(1, 2).contiguous()
             grams = [stats[k][module] for k in range(num)]
             bases = linear_bases(t, grams, lam, c, low_rank=t.shape[-1] > 16384)
-            trimmed = []
-            for i in range(num):
-                ti = t[i].clone()
-                for k in range(num):
-                    if k != i:
-                        ti = ti - (ti @ bases[k]) @ bases[k].T
-                trimmed.append(ti.T)
+            trimmed = project_out_others(t, bases)
             if t.shape[-1] > 16384:
                 log(f"  {key}: low-rank solve {time.perf_counter() - start:.1f} s")
         else:                                                   # RMSNorm weight
@@ -160,19 +150,6 @@ def cat_merge(base: dict, tasks: list[dict], stats: list[dict], *, alpha=0.3, la
             trimmed = list(torch.where(removed, torch.zeros_like(t), t))
         out[key] = w0 + alpha * torch.stack(trimmed).sum(0)    # float32
     return out
-
-
-def write_folder(out_dir: str, base_dir: str, state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir)
-    for name in os.listdir(base_dir):
-        src = os.path.join(base_dir, name)
-        if name == "model.safetensors" or name.startswith("."):
-            continue
-        (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, os.path.join(out_dir, name))
-    full = {k: state[k].to(v.dtype).contiguous() for k, v in base.items()}
-    save_file(full, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
 def main(argv=None) -> int:
