@@ -65,7 +65,7 @@ import numpy as np
 
 from catmerge_jax.errors import CatMergeError, HyperparameterError, NonFiniteError, TreeMismatchError
 from catmerge_jax.roles import Overrides, lookup_override, warn_unmatched
-from catmerge_jax.tree import leaves_with_paths
+from catmerge_jax.tree import leaves_with_paths, nest_paths
 
 __all__ = ["is_decoder_folder", "runs_layerwise", "merge_folders_layerwise", "read_decoder_exemplars",
            "LayerwiseError", "Stage", "stages"]
@@ -120,17 +120,6 @@ def stages(config) -> list[Stage]:
     covered = {p for s in out for p in s.leaves}
     assert covered == set(paths), sorted(set(paths) - covered)
     return out
-
-
-def _nest(flat: Mapping[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *mods, name = path.split("/")
-        for m in mods:
-            node = node.setdefault(m, {})
-        node[name] = value
-    return tree
 
 
 def _subtree(tree: Mapping, prefix: str) -> Any:
@@ -405,13 +394,13 @@ def merge_folders_layerwise(method: Any, base_dir: str | os.PathLike, task_dirs:
             def merge(stage: Stage, w0: dict, fts: list[dict], stats: list[dict]) -> dict:
                 # the method's inputs alias the arrays just read (no copy of K + 1 vocabulary-wide tables)
                 w0, fts = _aliased(w0), [_aliased(f) for f in fts]
-                tree0 = _nest(w0)
+                tree0 = nest_paths(w0)
                 stats_trees = [stats_from_arrays(tree0, s) for s in stats]
                 try:
                     with warnings.catch_warnings():
                         if not stage.has_linear:  # the embedding (and a tied head's norm): no linear leaf, by design
                             warnings.filterwarnings("ignore", message="CAT merge: no leaf has the role 'linear'")
-                        merged = m.merge(tree0, [_nest(f) for f in fts], stats=stats_trees, roles=roles,
+                        merged = m.merge(tree0, [nest_paths(f) for f in fts], stats=stats_trees, roles=roles,
                                          progress=False, **hp)
                 except TypeError as e:
                     if "unexpected keyword argument" not in str(e):
@@ -435,16 +424,16 @@ def merge_folders_layerwise(method: Any, base_dir: str | os.PathLike, task_dirs:
                         hidden.append(run_embed(feature[embed_path], ids))
                         stats.append({embed_path: count_stats(float(mask.sum()))})
                     elif stage.name == "head":
-                        params = {"norm": _subtree(_nest(feature), "model/norm")}
+                        params = {"norm": _subtree(nest_paths(feature), "model/norm")}
                         if not config.tie_word_embeddings:
-                            params["lm_head"] = _subtree(_nest(feature), "lm_head")
+                            params["lm_head"] = _subtree(nest_paths(feature), "lm_head")
                         # rows, not a Gram, for the head: a vocabulary-wide head then takes a rows plan and CAT
                         # never forms a (vocab, vocab) matrix (conflict.MAX_EXPLICIT_OUT)
                         rel = _capture(head, params, (hidden[k],), mask, batch_size=batch, form="rows")
                         stats.append({("model/" + p if p.startswith("norm/") else p): s for p, s in rel.items()})
                     else:
                         i = int(stage.name.split()[1])
-                        params = _subtree(_nest(feature), f"model/layers/{i}")
+                        params = _subtree(nest_paths(feature), f"model/layers/{i}")
                         sliding = config.sliding_layers[i]
                         rel = _capture(layers[sliding], params, (hidden[k], positions[k], mask), mask,
                                        batch_size=batch, form="auto")

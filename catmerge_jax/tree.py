@@ -17,7 +17,7 @@ nested dicts/lists/tuples. Nothing here knows about models or roles.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -220,6 +220,22 @@ def check_finite(tree: PyTree, *, what: str = "tree") -> None:
 def tree_paths(tree: PyTree) -> list[str]:
     """The leaf paths of ``tree`` as strings, in flattening order."""
     return [p for p, _ in leaves_with_paths(tree)]
+
+
+def nest_paths(flat: Mapping[str, Any]) -> dict:
+    """Nested dicts from ``{"a/b/c": leaf}`` (the ``/``-joined paths :func:`path_str` writes for dict trees).
+
+    >>> nest_paths({"layer/kernel": 1, "layer/bias": 2, "scale": 3})
+    {'layer': {'kernel': 1, 'bias': 2}, 'scale': 3}
+    """
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *mods, name = path.split("/")
+        for m in mods:
+            node = node.setdefault(m, {})
+        node[name] = value
+    return tree
 
 
 def gather(x: jax.Array) -> jax.Array:

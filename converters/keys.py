@@ -147,8 +147,10 @@ def match_state(state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int,
     dtype of the returned leaves (``None`` keeps the checkpoint's). Returns ``(params, meta)``, ``params``
     a nested dict of NumPy arrays.
     """
+    from catmerge_jax.tree import nest_paths
+
     leaves: dict[str, LeafMap] = {}
-    params: dict = {}
+    flat: dict[str, np.ndarray] = {}
     wanted: dict[str, str] = {}
     for path, shape in shapes.items():
         key, transform, _ = key_fn(path)
@@ -167,11 +169,7 @@ def match_state(state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int,
         leaves[path] = LeafMap(path, key, value.dtype, tuple(value.shape), transform)
         if dtype is not None:
             flax_value = flax_value.astype(dtype)
-        node = params
-        *mods, name = path.split("/")
-        for m in mods:
-            node = node.setdefault(m, {})
-        node[name] = np.asarray(flax_value, order="C")
+        flat[path] = np.asarray(flax_value, order="C")
     aside = {}
     for key in state:
         if key in wanted:
@@ -182,7 +180,7 @@ def match_state(state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int,
         aside[key] = np.asarray(state[key])
     meta = ConversionMeta(model_kind=model_kind, config=dict(config), leaves=leaves, aside=aside,
                           key_order=list(state), options=dict(options or {}))
-    return params, meta
+    return nest_paths(flat), meta
 
 
 def flax_to_hf_state(params, meta: ConversionMeta) -> dict[str, np.ndarray]:
