@@ -25,11 +25,12 @@ import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["lower_largest", "symmetric_largest", "weighted_gram_lower", "factored_one", "each_problem", "workers"]
+__all__ = ["lower_largest", "symmetric_largest", "weighted_gram_lower", "factored_one", "each_problem", "workers",
+           "spread"]
 
 _INT = ctypes.POINTER(ctypes.c_int)
 _PTR = ctypes.c_void_p
@@ -209,13 +210,19 @@ def each_problem(solve: Callable, k: int, n: int, lead: tuple[int, ...], dtype: 
     def run(j):
         values[j], vectors[j], scale[j] = solve(*(x[j] for x in flat), k)
 
-    threads = min(workers() if threads is None else threads, count)
-    if threads <= 1:
-        for j in range(count):
-            run(j)
-    else:
-        from threadpoolctl import threadpool_limits
-
-        with _ONE_AT_A_TIME, threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, range(count)))  # list(): re-raises a worker's exception here
+    spread(run, range(count), min(workers() if threads is None else threads, count))
     return values.reshape(lead + (k,)), vectors.reshape(lead + (n, k)), scale.reshape(lead)
+
+
+def spread(run: Callable[[int], Any], order: Sequence[int], threads: int) -> None:
+    """``run(j)`` for every ``j`` of ``order``: in turn when ``threads <= 1``, else on ``threads`` worker threads
+    (taking ``order`` in order) with a one-thread BLAS for the duration, then restored. A worker's exception is
+    raised here."""
+    if threads <= 1:
+        for j in order:
+            run(j)
+        return
+    from threadpoolctl import threadpool_limits
+
+    with _ONE_AT_A_TIME, threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, order))  # list(): re-raises a worker's exception here

@@ -22,7 +22,7 @@ from catmerge_jax.cat import cat_merge, check_scalar, finetuned_list, params_vie
 from catmerge_jax.errors import HyperparameterError
 from catmerge_jax.methods.pcb import order_statistics
 from catmerge_jax.methods.registry import MergeMethod, register
-from catmerge_jax.tree import PyTree, compute_dtype, is_tracer
+from catmerge_jax.tree import PyTree, compute_dtype, is_concrete, is_tracer
 
 
 def _compute_dtype(x: jax.Array):
@@ -32,6 +32,11 @@ def _compute_dtype(x: jax.Array):
 def _cast(x, dtype):
     # NumPy leaves stay NumPy (float64 params keep float64 without jax_enable_x64); arrays and tracers cast as usual
     return x.astype(dtype) if hasattr(x, "astype") else jnp.asarray(x, dtype)
+
+
+def _like_inputs(leaves: list[np.ndarray], base_leaves: Sequence) -> list:
+    """NumPy leaves for NumPy inputs, JAX arrays for JAX inputs (the host paths' outputs)."""
+    return [jnp.asarray(x) if isinstance(b, jax.Array) else x for x, b in zip(leaves, base_leaves)]
 
 
 def _views(pretrained, finetuned):
@@ -118,10 +123,13 @@ def ties_trim(pretrained: PyTree, finetuned: Sequence[PyTree], *, k: float = 0.2
 
     The input of AdaMerging++ (``cm.adamerging`` over these trimmed vectors). ``k`` is static.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, float, np.number)) or not 0.0 <= float(k) <= 1.0:
-        raise HyperparameterError(f"ties k (fraction kept) must be a number in [0, 1], got {k!r}")
+    _check_k(k)
     view, fts = _views(pretrained, finetuned)
     base_leaves, treedef = jax.tree.flatten(view.params)
+    task_leaves = [jax.tree.leaves(ft) for ft in fts]
+    if _host_ready(base_leaves, task_leaves):
+        return [jax.tree.unflatten(treedef, _like_inputs(t, base_leaves))
+                for t in _trim_host(base_leaves, task_leaves, k, per_tensor)]
     trimmed = []
     for ft in fts:
         leaves = _task_vector_leaves(base_leaves, jax.tree.leaves(ft))
@@ -143,9 +151,15 @@ def ties_merge(pretrained: PyTree, finetuned: Sequence[PyTree], *, k: float = 0.
       alpha: scale of the merged task vector (the paper's λ; 1 by default); may be traced.
     """
     check_scalar("alpha", alpha)
-    trimmed = ties_trim(pretrained, finetuned, k=k, per_tensor=per_tensor)
     view = params_view(pretrained)
     base_leaves, treedef = jax.tree.flatten(view.params)
+    task_leaves = [jax.tree.leaves(params_view(f).params) for f in finetuned_list(finetuned)]
+    if is_concrete(alpha) and _host_ready(base_leaves, task_leaves):
+        _check_k(k)
+        validate_inputs(view.params, [params_view(f).params for f in finetuned_list(finetuned)])
+        merged = _ties_host(base_leaves, task_leaves, k, per_tensor, alpha)
+        return view.rebuild(jax.tree.unflatten(treedef, _like_inputs(merged, base_leaves)))
+    trimmed = ties_trim(pretrained, finetuned, k=k, per_tensor=per_tensor)
     merged = _ties_combine(base_leaves, [jax.tree.leaves(t) for t in trimmed], alpha)
     return view.rebuild(jax.tree.unflatten(treedef, merged))
 
@@ -160,6 +174,138 @@ def _ties_combine(base_leaves: list, trimmed_leaves: list[list], alpha) -> list[
         merged.append((base.astype(tau.dtype) + alpha * tau).astype(base.dtype))
     return merged
 
+
+def _check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, float, np.number)) or not 0.0 <= float(k) <= 1.0:
+        raise HyperparameterError(f"ties k (fraction kept) must be a number in [0, 1], got {k!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TIES on the host: concrete float32 inputs on the CPU. The same arithmetic in the same order as the programs
+# above (bit-identical results), in NumPy: no program compiled per call or leaf shape, the element-wise work in
+# cache-sized pieces spread over the cores, and no K copies of the model (the pieces read the weights directly).
+# ---------------------------------------------------------------------------------------------------------------
+
+CHUNK = 1 << 18
+"""Entries per piece of element-wise work handed to a worker thread (NumPy's ufuncs release the GIL)."""
+
+
+def _host_ready(base_leaves: Sequence, task_leaves: Sequence[Sequence]) -> bool:
+    """The host path applies: every leaf concrete on the CPU, not forced onto the accelerator branches, and float32
+    the compute dtype of every leaf (float32/bf16/f16; float64 keeps the programs' promotion rules)."""
+    from catmerge_jax.methods.layerwise import on_host
+
+    if not base_leaves or not (on_host(base_leaves) and all(on_host(t) for t in task_leaves)):
+        return False
+    return all(compute_dtype(getattr(b, "dtype", None) or np.result_type(b)) == np.float32 for b in base_leaves)
+
+
+def _each_piece(fn, sizes: Sequence[int]) -> None:
+    """``fn(j, slice)`` over every leaf ``j`` (raveled, ``sizes[j]`` entries) in :data:`CHUNK`-sized pieces, spread
+    over the cores."""
+    from catmerge_jax.hostlapack import workers
+
+    pieces = [(j, slice(i, min(i + CHUNK, n))) for j, n in enumerate(sizes) for i in range(0, n, CHUNK)]
+    threads = min(workers(), len(pieces))
+    if threads <= 1:
+        for piece in pieces:
+            fn(*piece)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda piece: fn(*piece), pieces))  # list(): re-raises a worker's exception here
+
+
+def _raveled(leaves: Sequence) -> list[np.ndarray]:
+    return [np.asarray(x).reshape(-1) for x in leaves]
+
+
+def _task_vector(w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``W_k − W0`` of one piece, float32 (as :func:`_task_vector_leaves`)."""
+    return w.astype(np.float32) - b.astype(np.float32)
+
+
+def _kth_largest_host(magnitudes: np.ndarray, keep: float) -> np.floating:
+    """:func:`_kth_largest_abs` of one vector of magnitudes (the same entry: ``np.partition`` is what it runs on the
+    CPU); ``magnitudes`` is reordered in place."""
+    n_keep = int(np.ceil(keep * magnitudes.size))
+    if n_keep <= 0:
+        return np.float32(np.inf)
+    position = magnitudes.size - n_keep
+    magnitudes.partition(position)
+    return magnitudes[position]
+
+
+def _thresholds_host(base: list[np.ndarray], task_leaves: Sequence[Sequence], keep: float,
+                     per_tensor: bool) -> list[list]:
+    """Per task, per leaf, the trimming threshold of TIES step 1 (model-wide: the same for every leaf)."""
+    sizes = [b.size for b in base]
+    starts = np.cumsum([0] + sizes)
+    scratch = np.empty(int(starts[-1]), np.float32)  # one buffer of magnitudes, reused for every task
+    thresholds = []
+    for leaves in task_leaves:
+        task = _raveled(leaves)
+
+        def magnitudes(j, c, task=task):
+            np.abs(_task_vector(task[j][c], base[j][c]), out=scratch[starts[j] + c.start:starts[j] + c.stop])
+
+        _each_piece(magnitudes, sizes)
+        if per_tensor:
+            thresholds.append([_kth_largest_host(scratch[a:b], keep) for a, b in zip(starts[:-1], starts[1:])])
+        else:
+            thresholds.append([_kth_largest_host(scratch, keep)] * len(base))
+    return thresholds
+
+
+def _trim_host(base_leaves: Sequence, task_leaves: Sequence[Sequence], keep: float,
+               per_tensor: bool) -> list[list[np.ndarray]]:
+    """:func:`ties_trim`'s K lists of leaves (float32) on the host."""
+    base = _raveled(base_leaves)
+    thresholds = _thresholds_host(base, task_leaves, keep, per_tensor)
+    out = [[np.empty(np.shape(b), np.float32) for b in base_leaves] for _ in task_leaves]
+
+    def trim(j, c):
+        for k, leaves in enumerate(task_leaves):
+            t = _task_vector(np.asarray(leaves[j]).reshape(-1)[c], base[j][c])
+            out[k][j].reshape(-1)[c] = np.where(np.abs(t) >= thresholds[k][j], t, 0)
+
+    _each_piece(trim, [b.size for b in base])
+    return out
+
+
+def _ties_host(base_leaves: Sequence, task_leaves: Sequence[Sequence], keep: float, per_tensor: bool,
+               alpha) -> list[np.ndarray]:
+    """:func:`ties_merge`'s leaves on the host: the thresholds, then per piece the trimmed task vectors,
+    :func:`ties_disjoint_merge` and ``W0 + α·τ``, summing over tasks in task order as the compiled programs do."""
+    base = _raveled(base_leaves)
+    tasks = [_raveled(leaves) for leaves in task_leaves]
+    thresholds = _thresholds_host(base, task_leaves, keep, per_tensor)
+    scale = np.asarray(alpha).astype(np.float32)  # α in the compute dtype, as JAX casts a weakly typed scalar
+    out = [np.empty(np.shape(b), np.asarray(b).dtype) for b in base_leaves]
+
+    def merge(j, c):
+        w0 = base[j][c].astype(np.float32)
+        parts = []
+        for k, task in enumerate(tasks):
+            t = task[j][c].astype(np.float32) - w0
+            parts.append(np.where(np.abs(t) >= thresholds[k][j], t, 0))
+        total = parts[0].copy()
+        for x in parts[1:]:
+            total += x
+        sign = np.sign(total)
+        count = np.zeros(total.shape, np.int32)
+        total[:] = 0
+        for x in parts:
+            agree = x * sign > 0  # = (sign(x) == sign) & (x != 0): sign is ±1 or 0, so x·sign is ±x or 0, exactly
+            count += agree
+            total += np.where(agree, x, 0)
+        tau = np.where(count > 0, total / np.maximum(count, 1).astype(np.float32), 0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[j].reshape(-1)[c] = w0 + scale * tau
+
+    _each_piece(merge, [b.size for b in base])
+    return out
 
 def _adapter(fn, *, uses_stats: bool = False):
     def merge(pretrained, finetuned, *, stats=None, roles=None, progress=False, **hparams):
