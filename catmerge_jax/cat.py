@@ -50,7 +50,7 @@ from catmerge_jax import conflict
 from catmerge_jax.conflict import (GAP_FLOOR, POSITIVE_RTOL, cat_linear_bases, cat_linear_bases_from_rows,  # noqa: F401
                                    conflict_matrices_from_grams, layer_bytes, linear_group_bases, plan_linear,
                                    positive_directions, rows_bases_with_gap, top_with_gap)
-from catmerge_jax.errors import HyperparameterError, MissingStatisticsError, TreeMismatchError
+from catmerge_jax.errors import CatMergeError, HyperparameterError, MissingStatisticsError, TreeMismatchError
 from catmerge_jax.linalg import map_batch
 from catmerge_jax.roles import (LeafSpec, Overrides, Role, check_spec, classify, is_spec, union_declared, with_declared,
                                 with_stacking)
@@ -738,7 +738,11 @@ def tree_inputs(pretrained: Any, finetuned: Sequence[Any], stats: Sequence[PyTre
     task_leaves = [jax.tree.leaves(t) for t in fts]
     stat_leaves = None if stats is None else [jax.tree.leaves(s, is_leaf=is_leaf_stats) for s in stats]
     bases = [on_device(base) for base in base_leaves]
-    all_tvs = _stacked_task_vectors(bases, [list(t) for t in zip(*task_leaves)])
+    per_leaf = [list(t) for t in zip(*task_leaves)]
+    if on_one_cpu((bases, per_leaf)) and all(jnp.issubdtype(b.dtype, jnp.floating) for b in bases):
+        all_tvs = _stacked_task_vectors_on_host(bases, per_leaf)
+    else:
+        all_tvs = _stacked_task_vectors(bases, per_leaf)
     leaves = []
     for j, base in enumerate(bases):
         spec = spec_leaves[j]
@@ -754,6 +758,38 @@ def on_device(x: Any) -> jax.Array:
     """``jnp.asarray(x)``, without compiling: JAX stages a NumPy array through a small compiled identity program
     per shape (a few dozen programs for a model's leaves), ``jax.device_put`` copies it as it is."""
     return jax.device_put(x) if isinstance(x, np.ndarray) else jnp.asarray(x)
+
+
+def on_one_cpu(tree: PyTree) -> bool:
+    """Whether ``tree`` is concrete and the backend is one CPU device: then the merge's glue arithmetic (stacking,
+    gathering, the final sum) runs in NumPy on the same memory, the same operations in the same dtypes, without a
+    program to trace and compile for every new model (most of a small model's first merge)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and is_concrete(tree)
+
+
+def to_device(x: np.ndarray) -> jax.Array:
+    """A NumPy array as a JAX array on the CPU device, sharing its memory where JAX can (no second copy of a
+    model-sized array)."""
+    try:
+        return jax.device_put(x, may_alias=True)
+    except TypeError:  # a JAX before device_put's may_alias (0.4.36)
+        return jax.device_put(x)
+
+
+def _stacked_task_vectors_on_host(bases: list[jax.Array], tasks: list[list[Any]]) -> list[jax.Array]:
+    """:func:`_stacked_task_vectors` by NumPy (see :func:`on_one_cpu`): every input first takes the dtype JAX
+    would give it (``jax.dtypes.canonicalize_dtype``), so the result is the compiled program's, bit for bit."""
+    out = []
+    for base, per_task in zip(bases, tasks):
+        compute = np.dtype(_compute_dtype(base.dtype))
+        b = np.asarray(base).astype(compute, copy=False)
+        stacked = np.empty((len(per_task),) + b.shape, compute)
+        for k, t in enumerate(per_task):
+            t = np.asarray(t)
+            t = t.astype(jax.dtypes.canonicalize_dtype(t.dtype), copy=False).astype(compute, copy=False)
+            np.subtract(t, b, out=stacked[k])
+        out.append(to_device(stacked))
+    return out
 
 
 @jax.jit
@@ -971,10 +1007,7 @@ def _stack_layers_on_host(arrays: tuple[jax.Array, ...], picks: tuple[tuple[int,
     layers = [host[a][:, layer] for a, layer in picks]
     if len(layers) == 1 and not pad and layers[0].flags.c_contiguous:
         # a one-layer leaf (an LM head: GiBs for K tasks) is used in place, not copied twice
-        try:
-            return jax.device_put(layers[0][None], may_alias=True)
-        except TypeError:  # a JAX before device_put's may_alias (0.4.36)
-            return jax.device_put(layers[0][None])
+        return to_device(layers[0][None])
     return jax.device_put(np.stack(layers + [np.zeros_like(layers[0])] * pad))
 
 
@@ -989,6 +1022,20 @@ def _leaf_updates(chunks: tuple[jax.Array, ...], picks: tuple[tuple[tuple[int, i
         if per_task:
             stacked = jnp.moveaxis(stacked, 0, 1)  # (K, layers, in, out)
         out.append(spec.from_matrices(stacked, shape))
+    return out
+
+
+def _leaf_updates_on_host(chunks: tuple[jax.Array, ...], picks: tuple[tuple[tuple[int, int], ...], ...],
+                          specs: tuple[LeafSpec, ...], shapes: tuple[tuple[int, ...], ...],
+                          per_task: bool) -> list[jax.Array]:
+    """:func:`_leaf_updates` by NumPy (see :func:`on_one_cpu`): the same rows gathered, exactly."""
+    host = [np.asarray(chunk) for chunk in chunks]  # views of the CPU buffers
+    out = []
+    for leaf_picks, spec, shape in zip(picks, specs, shapes):
+        stacked = np.stack([host[c][row] for c, row in leaf_picks])
+        if per_task:
+            stacked = np.moveaxis(stacked, 0, 1)
+        out.append(to_device(np.ascontiguousarray(spec.from_matrices(stacked, shape))))
     return out
 
 
@@ -1055,6 +1102,51 @@ def _combine(bases: list[jax.Array], updates: list[jax.Array], alpha: jax.Array)
 # 2 cores; a large model's layer costs seconds, next to which a few more calls are noise.
 GROUP_BYTES = 64 << 20
 
+PARALLEL_BYTES = 512 << 20
+"""Linear task vectors up to this size (all layers, all tasks) are solved by two worker threads on a CPU backend.
+Such a merge spends most of its time compiling one program pair per group, and XLA compiles (and runs) without
+the GIL, so one group compiles while another runs. Larger merges are dominated by their arithmetic, which XLA and
+LAPACK already spread over the cores: they stay sequential, with one group's memory in flight."""
+
+
+def is_small_merge(linear_bytes: int, *, traced: bool) -> bool:
+    """Whether a batched merge with ``linear_bytes`` of linear task vectors is small enough to be mostly compiling
+    (:data:`PARALLEL_BYTES`), on concrete inputs and a CPU backend: its groups then run on two threads, and each
+    group as one compiled program pair."""
+    return not traced and linear_bytes <= PARALLEL_BYTES and jax.default_backend() == "cpu"
+
+
+def parallel_workers(num_chunks: int, linear_bytes: int, *, traced: bool) -> int:
+    """Worker threads for the groups of a batched merge: 2 for a small, concrete merge on a multi-core CPU backend
+    with several chunks (see :data:`PARALLEL_BYTES`), else 1. Each chunk is solved the same way either way, so the
+    merge's result does not depend on it.
+
+    JAX's configuration context managers (``jax.enable_x64``, ``jax.default_matmul_precision``, ...) hold for
+    the calling thread only; a merge called inside one stays on that thread (:func:`_thread_local_overrides`)."""
+    import os
+
+    if num_chunks < 2 or not is_small_merge(linear_bytes, traced=traced):
+        return 1
+    if _thread_local_overrides():
+        return 1
+    return min(2, os.cpu_count() or 1)
+
+
+def _thread_local_overrides() -> bool:
+    """Whether this thread runs under a JAX configuration context a new thread would not see (compared through
+    JAX's trace context; if this JAX does not expose it, assume so)."""
+    import threading
+
+    try:
+        from jax._src.config import trace_context
+    except ImportError:
+        return True
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(trace_context()))
+    worker.start()
+    worker.join()
+    return not seen or seen[0] != trace_context()
+
 
 class GroupSolve(NamedTuple):
     """How the batched path solves its groups of same-shaped linear layers (:func:`cat_merge_batched`'s options of
@@ -1095,7 +1187,9 @@ def cat_merge_batched(pretrained: PyTree, finetuned: Sequence[PyTree], stats: Se
       progress: progress bar over groups.
       timings: if a dict, receives seconds spent in ``"prepare"``, ``"bases"`` (incl. masks), ``"apply"``, the
         number of linear ``"solves"`` and of iterative ones that fell back to eigh (``"fallbacks"``), and per
-        linear group (``"groups"``: shape, layer count, chosen plan, fallbacks, bases seconds).
+        linear group (``"groups"``: shape, layer count, chosen plan, fallbacks, bases seconds). When a small
+        merge solves its groups on two threads (:func:`parallel_workers`), ``"bases"`` and ``"apply"`` add up
+        both threads' seconds, which overlap.
     Returns:
       The merged params (same structure and dtypes as ``pretrained``).
     """
@@ -1146,6 +1240,8 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
     update_by_index: dict[int, jax.Array] = {}
     unresolved_leaves: set[str] = set()
     linear_leaves: list[int] = []  # leaf indices, in the order of `matrices`/`inputs_data`
+    other_leaves: list[int] = []  # scale, shift and other leaves: masks, computed beside the linear groups
+    first_error: tuple[int, Exception] | None = None  # (leaf index, error) of the first bad linear leaf
     matrices, inputs_data = [], []  # per linear leaf: (K, layers, in, out) and (K, layers, ...)
     groups: dict[tuple, list[tuple[int, int]]] = {}  # -> members (position in linear_leaves, layer)
     for j, leaf in enumerate(inputs.leaves):
@@ -1153,8 +1249,12 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
             # (K, layers, in, out); on one CPU device as NumPy views of the task vectors (a JAX reshape is a copy)
             on_host = not traced and place is None and jax.default_backend() == "cpu"
             mats = leaf.spec.matrices(np.asarray(leaf.task_vectors) if on_host else leaf.task_vectors, lead=1)
-            check_c(c, mats.shape[-1], leaf.path)
-            form, data = linear_inputs(leaf, normalize_by_count)  # (K, layers, ...)
+            try:
+                check_c(c, mats.shape[-1], leaf.path)
+                form, data = linear_inputs(leaf, normalize_by_count)  # (K, layers, ...)
+            except CatMergeError as e:  # raised below, after the other leaves before it (errors in leaf order)
+                first_error = first_error or (j, e)
+                continue
             position = len(linear_leaves)
             linear_leaves.append(j)
             matrices.append(mats)
@@ -1164,22 +1264,24 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
             key = (form, (mats.shape[0],) + mats.shape[2:], shape, str(mats.dtype))
             groups.setdefault(key, []).extend((position, layer) for layer in range(mats.shape[1]))
         else:
-            t0 = time.perf_counter()
-            trimmer = table.get(leaf.spec.role, identity_trimmer())
-            update_by_index[j] = reduce(trimmer.apply(leaf, trimmer.init(leaf)))
-            clock["bases"] += time.perf_counter() - t0
-    clock["prepare"] += time.perf_counter() - t_start - clock["bases"]
+            other_leaves.append(j)
+    clock["prepare"] += time.perf_counter() - t_start
 
-    iterator = list(groups.items())
-    if progress:
-        from tqdm.auto import tqdm
+    def other_updates(before: int | None = None) -> None:
+        t0 = time.perf_counter()
+        for j in other_leaves:
+            if before is not None and j > before:
+                break
+            trimmer = table.get(inputs.leaves[j].spec.role, identity_trimmer())
+            update_by_index[j] = reduce(trimmer.apply(inputs.leaves[j], trimmer.init(inputs.leaves[j])))
+        clock["bases"] += time.perf_counter() - t0
 
-        iterator = tqdm(iterator, desc="CAT trim (batched groups)" if per_task else "CAT merge (batched groups)",
-                        unit="group")
+    if first_error is not None:
+        other_updates(before=first_error[0])  # a bad leaf before it is reported first
+        raise first_error[1]
+
     sharded = place is not None
     place = (lambda x: x) if place is None else place
-    chunk_updates: list[jax.Array] = []
-    layer_sources: dict[int, dict[int, tuple[int, int]]] = {p: {} for p in range(len(linear_leaves))}
     for (form, _, _, _), members in groups.items():
         # Layers whose inputs have fewer rows (a pooler sees one token per exemplar, the layers below see them all)
         # join their shape's group with zero rows added: zero rows add nothing to any G_k, so the merge is the same,
@@ -1190,7 +1292,32 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
             for p in positions:
                 inputs_data[p] = _pad_rows(inputs_data[p], n_max, traced or sharded)
     matrices, inputs_data = tuple(matrices), tuple(inputs_data)
-    for (form, (num_tasks, fan_in, fan_out), _, _), members in iterator:
+
+    def solve_chunk(chunk: list[tuple[int, int]], plan, size: int) -> tuple[jax.Array, dict, float, float]:
+        """One chunk of a group, zero-padded to ``size`` layers: its bases and its update; returns ``(update, counts,
+        bases s, apply s)``."""
+        counts: dict = {}
+        t0 = time.perf_counter()
+        pad = size - len(chunk)
+        stack = _stack_layers if sharded or traced else _stack_layers_on_host
+        tvs = place(stack(matrices, tuple(chunk), pad))
+        data = place(stack(inputs_data, tuple(chunk), pad))
+        bases = linear_group_bases(tvs, data, lam=lam, c=c, plan=plan, valid_layers=len(chunk),
+                                   batch_mode=batch_mode, counts=counts, min_gap=min_gap,
+                                   strict_top_c=strict_top_c)
+        if not traced:
+            bases.block_until_ready()
+        t1 = time.perf_counter()
+        update = _group_update(tvs, bases, joint=joint, rescale_norm=rescale_norm, per_task=per_task)
+        if not traced:
+            update.block_until_ready()
+        return update, counts, t1 - t0, time.perf_counter() - t1
+
+    linear_bytes = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in matrices)
+    small = is_small_merge(linear_bytes, traced=traced or sharded)
+    jobs = []  # (group index, chunk, plan, padded size), groups in order
+    plans = []
+    for (form, (num_tasks, fan_in, fan_out), _, _), members in groups.items():
         first = inputs_data[members[0][0]]
         data_shape = first.shape[:1] + first.shape[2:]  # (K, n, in) rows or (K, in, in) Grams
         plan = plan_linear(num_tasks, fan_in, fan_out, c, rows=data_shape[1] if form == "rows" else None,
@@ -1198,43 +1325,77 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
         if form == "gram" and plan.form == "rows":  # rows are not available for this group
             plan = plan_linear(num_tasks, fan_in, fan_out, c, rows=None, solver=solver, strategy="explicit")
         per_layer = layer_bytes(plan, num_tasks, fan_in, fan_out, int(np.prod(data_shape)), c)
-        group_start, fallbacks_before = clock["bases"], clock["fallbacks"]
-        for chunk in _chunks(members, per_layer, max_group_bytes, layer_multiple):
-            t0 = time.perf_counter()
-            pad = (-len(chunk)) % layer_multiple
-            stack = _stack_layers if sharded or traced else _stack_layers_on_host
-            tvs = place(stack(matrices, tuple(chunk), pad))
-            data = place(stack(inputs_data, tuple(chunk), pad))
-            bases = linear_group_bases(tvs, data, lam=lam, c=c, plan=plan, valid_layers=len(chunk),
-                                       batch_mode=batch_mode, counts=clock,
-                                       min_gap=min_gap, strict_top_c=strict_top_c)
-            if not traced:
-                bases.block_until_ready()
-            t1 = time.perf_counter()
-            update = _group_update(tvs, bases, joint=joint, rescale_norm=rescale_norm, per_task=per_task)
-            if not traced:
-                update.block_until_ready()
-            clock["bases"] += t1 - t0
-            clock["apply"] += time.perf_counter() - t1
-            if sharded:
-                update = gather(update)
-            for row, (position, layer) in enumerate(chunk):
-                layer_sources[position][layer] = (len(chunk_updates), row)
-            chunk_updates.append(update)
-            for layer_in_chunk, _task in clock.pop("unresolved", []):
-                unresolved_leaves.add(inputs.leaves[linear_leaves[chunk[layer_in_chunk][0]]].path)
-        clock["groups"].append({"shape": (fan_in, fan_out), "layers": len(members), "form": plan.form,
-                                "strategy": plan.strategy, "solver": plan.solver,
-                                "fallbacks": clock["fallbacks"] - fallbacks_before,
-                                "bases_seconds": clock["bases"] - group_start})
+        plans.append(((fan_in, fan_out), len(members), plan))
+        chunks = _chunks(members, per_layer, max_group_bytes, layer_multiple)
+        # A small merge is mostly compiling: its shorter last chunk is padded with zero layers (never sent to an
+        # eigensolver) to the others' size, so the whole group runs one compiled program pair.
+        sizes = [len(chunk) + (-len(chunk)) % layer_multiple for chunk in chunks]
+        if small:
+            sizes = [max(sizes)] * len(chunks)
+        jobs.extend((len(plans) - 1, chunk, plan, size) for chunk, size in zip(chunks, sizes))
+    workers = parallel_workers(len(jobs), linear_bytes, traced=traced or sharded)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plans), desc="CAT trim (batched groups)" if per_task else "CAT merge (batched groups)",
+                   unit="group")
+    if workers > 1:
+        # A small model's merge is mostly compiling: each group's programs compile while another group's run or
+        # compile on the other core (XLA releases the GIL), and the scale/shift masks are traced meanwhile.
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="cat-group")
+        try:
+            futures = [pool.submit(solve_chunk, chunk, plan, size) for _, chunk, plan, size in jobs]
+            other_updates()
+            results = [f.result() for f in futures]
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # a bad leaf (or Ctrl-C) stops the groups not started
+            raise
+        pool.shutdown()
+    else:
+        other_updates()
+        results = (solve_chunk(chunk, plan, size) for _, chunk, plan, size in jobs)
+
+    chunk_updates: list[jax.Array] = []
+    layer_sources: dict[int, dict[int, tuple[int, int]]] = {p: {} for p in range(len(linear_leaves))}
+    per_group = [{"bases_seconds": 0.0, "fallbacks": 0} for _ in plans]
+    remaining = [0] * len(plans)
+    for g, _, _, _ in jobs:
+        remaining[g] += 1
+    for (g, chunk, _, _), (update, counts, bases_s, apply_s) in zip(jobs, results):
+        clock["bases"] += bases_s
+        clock["apply"] += apply_s
+        clock["solves"] += counts.get("solves", 0)
+        clock["fallbacks"] += counts.get("fallbacks", 0)
+        per_group[g]["bases_seconds"] += bases_s
+        per_group[g]["fallbacks"] += counts.get("fallbacks", 0)
+        if sharded:
+            update = gather(update)
+        for row, (position, layer) in enumerate(chunk):
+            layer_sources[position][layer] = (len(chunk_updates), row)
+        chunk_updates.append(update)
+        for layer_in_chunk, _task in counts.get("unresolved", []):
+            unresolved_leaves.add(inputs.leaves[linear_leaves[chunk[layer_in_chunk][0]]].path)
+        remaining[g] -= 1
+        if bar is not None and remaining[g] == 0:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    for (shape, layers, plan), done in zip(plans, per_group):
+        clock["groups"].append({"shape": shape, "layers": layers, "form": plan.form, "strategy": plan.strategy,
+                                "solver": plan.solver, "fallbacks": done["fallbacks"],
+                                "bases_seconds": done["bases_seconds"]})
 
     t0 = time.perf_counter()
     if linear_leaves:
         picks = tuple(tuple(layer_sources[p][layer] for layer in range(len(layer_sources[p])))
                       for p in range(len(linear_leaves)))
         leaves = [inputs.leaves[j] for j in linear_leaves]
-        updates = _leaf_updates(tuple(chunk_updates), picks, tuple(leaf.spec for leaf in leaves),
-                                tuple(leaf.task_vectors.shape[1:] for leaf in leaves), per_task)
+        gather_updates = _leaf_updates_on_host if on_one_cpu(chunk_updates) else _leaf_updates
+        updates = gather_updates(tuple(chunk_updates), picks, tuple(leaf.spec for leaf in leaves),
+                                 tuple(leaf.task_vectors.shape[1:] for leaf in leaves), per_task)
         update_by_index.update(zip(linear_leaves, updates))
     clock["apply"] += time.perf_counter() - t0
     if unresolved_leaves:

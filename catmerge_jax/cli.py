@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     roles.add_argument("--role", action="append", type=_role, default=[], metavar="PATTERN=ROLE",
                        help="override the role of the tensors matching PATTERN (as for merge)")
 
-    example = sub.add_parser("example", help="run the built-in offline example (all-MiniLM-L6-v2, 3 tiny tasks)")
+    example = sub.add_parser("example", help="run the built-in offline example (all-MiniLM-L6-v2, 5 small tasks)")
     example.add_argument("--out", default=None, metavar="DIR", help="keep the example's folders here")
     example.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser

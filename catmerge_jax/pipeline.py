@@ -471,15 +471,28 @@ def merge_checkpoints(method: str | MergeMethod, base: Checkpoint, tasks: Sequen
 
 def load_tasks(base_dir: str | os.PathLike, task_dirs: Sequence[str | os.PathLike], *,
                progress: bool = False) -> tuple[Checkpoint, list[Checkpoint]]:
-    """Load and check the base and every task folder."""
+    """Load and check the base and every task folder.
+
+    Two folders are read at a time: reading is mostly copying tensors out of the files and into our layout, which
+    NumPy does without the GIL (MiniLM's four folders: 4 × ~0.5 s). Folders are checked, and the first bad one
+    reported, in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    base = load_checkpoint(base_dir)
-    tasks = []
-    for d in tqdm(list(task_dirs), desc="loading", unit="model", disable=not progress):
-        task = load_checkpoint(d)
-        check_compatible(base, task)
-        tasks.append(task)
+    folders = [base_dir, *task_dirs]
+    pool = ThreadPoolExecutor(min(2, len(folders)), thread_name_prefix="catmerge-load")
+    try:
+        loaded = pool.map(load_checkpoint, folders)
+        base = next(loaded)
+        tasks = []
+        for task in tqdm(loaded, total=len(folders) - 1, desc="loading", unit="model", disable=not progress):
+            check_compatible(base, task)
+            tasks.append(task)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # a bad folder (or Ctrl-C) stops the folders not yet read
+        raise
+    pool.shutdown()
     return base, tasks
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from converters.config_fields import (COUNT, FLAG, NAME, POSITIVE_INT, POSITIVE_NUMBER, TOKEN_ID, VISION_FIELDS,
@@ -84,10 +83,11 @@ def example_inputs(model) -> tuple:
     CLIP."""
     from catmerge_jax.models.bert import BertModel
 
+    # NumPy, not jnp: they are only traced (jax.eval_shape), and a jnp array would compile two programs first
     if isinstance(model, BertModel):
-        return (jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
+        return (np.ones((1, 1), np.int32), np.ones((1, 1), np.int32))
     cfg = model.config
-    return (jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
+    return (np.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), np.float32),)
 
 
 def is_position_buffer(key: str) -> bool:

@@ -276,3 +276,42 @@ def test_bad_inputs_raise_naming_the_leaf():
         cat_merge_batched(w0, fts, st, c=500)
     with pytest.raises(cm.HyperparameterError):
         cat_merge_batched(w0, fts, st, lam=-1.0)
+
+
+def test_groups_on_two_threads_equal_the_sequential_merge(monkeypatch):
+    """A small merge on a CPU backend solves its groups on two worker threads (``parallel_workers``); each chunk is
+    solved the same way either way, so the result must equal the one-thread merge bit for bit (a chunk's update
+    landing in another chunk's layers, or a lost task-local setting, would change it)."""
+    from catmerge_jax import cat
+
+    w0, fts, stats = _problem(seed=5)
+    chosen = []
+    original = cat.parallel_workers
+    monkeypatch.setattr(cat, "parallel_workers", lambda *a, **k: chosen.append(original(*a, **k)) or chosen[-1])
+    threaded = cat_merge_batched(w0, fts, stats, alpha=0.4, lam=2.0, c=2)
+    if jax.default_backend() == "cpu" and (__import__("os").cpu_count() or 1) > 1:
+        assert chosen == [2]  # the premise: this merge did use two threads
+    monkeypatch.setattr(cat, "parallel_workers", lambda *a, **k: 1)
+    sequential = cat_merge_batched(w0, fts, stats, alpha=0.4, lam=2.0, c=2)
+    for (path, got), (_, want) in zip(cm.leaves_with_paths(threaded), cm.leaves_with_paths(sequential)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=path)
+
+
+def test_merge_inside_a_jax_config_context_stays_on_its_thread():
+    """``jax.enable_x64`` holds for the calling thread only: a worker thread would compute in float32. A merge
+    called inside such a context is solved on the caller's thread, in float64: it agrees with the float64
+    reference to float64 rounding (1e-9 of the update), far below float32's ~1e-7 that a worker would give."""
+    import os
+
+    from catmerge_jax import cat
+
+    threads = 2 if jax.default_backend() == "cpu" and (os.cpu_count() or 1) > 1 else 1
+    assert cat.parallel_workers(4, 1 << 20, traced=False) == threads
+    with jax.enable_x64(True):
+        assert cat.parallel_workers(4, 1 << 20, traced=False) == 1
+        w0, fts, stats = _problem(seed=6)
+        w0, fts = jax.tree.map(lambda x: x.astype(np.float64), (w0, fts))
+        merged = cat_merge_batched(w0, fts, stats, alpha=0.4, lam=2.0, c=2, solver="eigh")
+        want = tr.reference_cat_merge(w0, fts, stats, alpha=0.4, lam=2.0, c=2)
+        _, upd = tr.compare(merged, want, w0)
+    assert upd < 1e-9
