@@ -1,4 +1,4 @@
-"""The README's example, fully offline: fine-tune all-MiniLM-L6-v2 on three small tasks, merge, compare.
+"""The README's example, fully offline: fine-tune all-MiniLM-L6-v2 on five small tasks, merge, compare.
 
 ``catmerge example [--out DIR] [--quiet]`` (or ``python -m catmerge_jax.example``):
 
@@ -22,11 +22,15 @@
    each task vector's linear-layer update that CAT removed (``Σ‖T − T̃‖² / Σ‖T‖²`` over the linear leaves) is
    printed with the settings and timings.
 
-It takes about two minutes on two CPU cores, most of it fine-tuning (the run prints its own timings). It shows the
-machinery on 100 held-out sentences, it is not a benchmark (see ``experiments/benchmark`` for six real tasks, three
-seeds and the field's strongest merges): the pretrained backbone is clearly worse than the fine-tuned ones, and the
-alpha table shows task arithmetic losing more than CAT as the tasks' interference grows — by a few sentences, which
-is what five small tasks can show.
+It takes about 45 s on two shared CPU cores (the run prints its own timings), about half of it fine-tuning and a
+third CAT, most of which is compiling. Two compiled programs do all the model's work: one Adam step on the
+word-embedding rows the training sentences use (:func:`row_model`; the other rows have a zero gradient), and the
+sentence embeddings on the rows the evaluation sentences use, in batches of one shape (the heads, every table column
+and every alpha of the sweep). It shows the machinery on 100 held-out sentences, it is not a benchmark (see
+``experiments/benchmark`` for six real tasks, three seeds and the field's strongest merges): the pretrained backbone
+is clearly worse than the fine-tuned ones, and the alpha table shows task arithmetic losing more than CAT as the
+tasks' interference grows — by a few sentences, which is what five small tasks can show (and which another
+fine-tuning run, more or fewer steps, can change).
 """
 
 from __future__ import annotations
@@ -194,8 +198,8 @@ METHODS = ("task_arithmetic", "cat")
 class ExampleSettings:
     """Knobs of the example (the defaults are the README's run; tests use smaller ones)."""
 
-    steps: int = 25                # Adam steps per task (full batch of the task's 24 sentences)
-    backbone_lr: float = 1e-4
+    steps: int = 12                # Adam steps per task (full batch of the task's 24 sentences)
+    backbone_lr: float = 2e-4
     head_scale: float = 20.0       # logit scale of the frozen zero-shot heads (cosine similarity × scale)
     max_length: int = 16           # tokens per sentence, padded (one compiled shape; the longest sentence has 14)
     exemplars_per_task: int = 4    # unlabeled training sentences handed to CAT
@@ -250,14 +254,14 @@ def embed(states: jax.Array, mask: jax.Array) -> jax.Array:
 
 class Functions(NamedTuple):
     embed: Callable[..., jax.Array]       # (backbone, ids, mask, types) -> (b, d) unit-norm embeddings
-    logits: Callable[..., jax.Array]      # (backbone, head, ids, mask, types) -> (b, 2)
     train_step: Callable[..., tuple]      # (backbone, head, opt_state, batch, lr) -> (backbone, opt_state, loss)
     init_opt: Callable[[PyTree], Any]
 
 
 def make_functions(model) -> Functions:
-    """Jitted embeddings, logits and one Adam step on the backbone (the head is an argument, held fixed; the
-    learning rate is traced, so one compiled step serves every task)."""
+    """Jitted embeddings and one Adam step on the backbone (the head is an argument, held fixed; the learning rate
+    is traced, so one compiled step serves every task). Evaluation applies the heads to the embeddings on the host
+    (:func:`scores`), so every forward pass outside training is the one compiled ``embed``."""
     import optax
 
     tx = optax.scale_by_adam()
@@ -265,11 +269,8 @@ def make_functions(model) -> Functions:
     def embeddings(backbone, ids, mask, types):
         return embed(model.apply({"params": backbone}, ids, mask, types).last_hidden_state, mask)
 
-    def logits(backbone, head, ids, mask, types):
-        return embeddings(backbone, ids, mask, types) @ head["kernel"] + head["bias"]
-
     def loss(backbone, head, ids, mask, types, labels):
-        z = logits(backbone, head, ids, mask, types)
+        z = embeddings(backbone, ids, mask, types) @ head["kernel"] + head["bias"]
         return optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
 
     def train_step(backbone, head, opt_state, batch, lr):
@@ -277,47 +278,15 @@ def make_functions(model) -> Functions:
         directions, opt_state = tx.update(grads, opt_state, backbone)
         return optax.apply_updates(backbone, jax.tree.map(lambda u: -lr * u, directions)), opt_state, value
 
-    return Functions(jax.jit(embeddings), jax.jit(logits), jax.jit(train_step), tx.init)
-
-
-def zero_shot_head(functions: Functions, backbone: PyTree, descriptions: tuple, settings: ExampleSettings,
-                   tokenizer) -> dict:
-    """``{"kernel": (d, 2), "bias": (2,)}``: ``scale ×`` the unit embeddings of the two class descriptions."""
-    e = functions.embed(backbone, *tokenize(tokenizer, list(descriptions), settings.max_length))
-    return {"kernel": np.asarray(settings.head_scale * e.T, np.float32), "bias": np.zeros((2,), np.float32)}
+    return Functions(jax.jit(embeddings), jax.jit(train_step), tx.init)
 
 
 WORD_TABLE = ("embeddings", "word_embeddings", "embedding")
 """Where a BERT backbone keeps its word-embedding table (``(vocab, d)``)."""
 
 
-class TrainedRows(NamedTuple):
-    """Fine-tuning on the rows of the word-embedding table that the training sentences use (:func:`trained_rows`):
-    ``rows``, sorted vocabulary ids; ``functions``, a model whose table holds only those rows."""
-
-    rows: np.ndarray
-    functions: Functions
-
-
-def trained_rows(base, sentences_ids: Sequence[np.ndarray]) -> TrainedRows | None:
-    """The word-embedding rows every task's training batch uses (their union, so one compiled step serves all
-    tasks), with the functions of a model that holds only them; ``None`` for a model without a BERT word table.
-
-    Full-batch Adam on the whole table is the same computation: a row no batch uses has a zero gradient at every
-    step, so its Adam moments stay zero and its update is exactly 0; a row only other tasks use stays put the same
-    way. The whole 30522-row table (half of all-MiniLM-L6-v2's parameters) then never goes through the gradient
-    and the optimizer.
-    """
-    node = base.params
-    for key in WORD_TABLE:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    if base.kind != "bert":  # RoBERTa derives position ids from the token ids: keep its ids as they are
-        return None
-    rows = np.unique(np.concatenate([np.ravel(ids) for ids in sentences_ids]))
-    small = dataclasses.replace(base, config={**base.config, "vocab_size": int(rows.size)})
-    return TrainedRows(rows, make_functions(small.model()))
+def _word_table(params: PyTree) -> Any:
+    return params[WORD_TABLE[0]][WORD_TABLE[1]][WORD_TABLE[2]]
 
 
 def _with_word_table(params: PyTree, table: Any) -> PyTree:
@@ -326,42 +295,120 @@ def _with_word_table(params: PyTree, table: Any) -> PyTree:
     return {**params, WORD_TABLE[0]: emb}
 
 
-def fine_tune(base_params: PyTree, head: dict, data: tuple, settings: ExampleSettings, functions: Functions, *,
-              progress: bool, desc: str, rows: TrainedRows | None = None) -> PyTree:
+class RowModel(NamedTuple):
+    """The model on the rows of the word-embedding table that some sentences use (:func:`row_model`).
+
+    ``rows``: the sorted vocabulary ids it keeps (``None``: the whole table); ``functions``: the jitted functions of
+    a model whose table holds only those rows. A forward pass reads only the rows its ids name, so on those
+    sentences it computes what the whole model does, without carrying the 30522-row table (half of
+    all-MiniLM-L6-v2's parameters) through every program.
+    """
+
+    rows: np.ndarray | None
+    functions: Functions
+
+    def params(self, params: PyTree) -> PyTree:
+        """``params`` with the kept rows of the word table only (NumPy), the other leaves as they are."""
+        if self.rows is None:
+            return params
+        return _with_word_table(params, np.asarray(_word_table(params))[self.rows])
+
+    def inputs(self, data: tuple) -> tuple:
+        """``(ids, mask, types, ...)`` with the ids renumbered to positions in the kept rows."""
+        if self.rows is None:
+            return tuple(data)
+        ids = np.asarray(data[0])
+        outside = np.setdiff1d(ids, self.rows)
+        if outside.size:
+            raise CatMergeError(f"token ids {outside[:5].tolist()} are not among the {self.rows.size} word-embedding "
+                                "rows this model keeps; build it (row_model) from these sentences too")
+        return (np.searchsorted(self.rows, ids).astype(ids.dtype), *data[1:])
+
+
+def row_model(base, sentences_ids: Sequence[np.ndarray]) -> RowModel:
+    """The model on the word-embedding rows that any of ``sentences_ids`` (token id arrays) use, their union, so
+    one compiled program serves them all; the whole model for one without a BERT word table (RoBERTa derives its
+    position ids from the token ids, so its ids must stay as they are).
+
+    In training it is the same computation as the whole table under full-batch Adam: a row no batch uses has a zero
+    gradient at every step, so its Adam moments stay zero and its update is exactly 0; a row only other tasks use
+    stays put the same way (:func:`fine_tune` puts the trained rows back into the whole table).
+    """
+    node = base.params
+    for key in WORD_TABLE:
+        if not isinstance(node, dict) or key not in node:
+            node = None
+            break
+        node = node[key]
+    if node is None or base.kind != "bert":
+        return RowModel(None, make_functions(base.model()))
+    rows = np.unique(np.concatenate([np.ravel(ids) for ids in sentences_ids]))
+    small = dataclasses.replace(base, config={**base.config, "vocab_size": int(rows.size)})
+    return RowModel(rows, make_functions(small.model()))
+
+
+def fine_tune(base_params: PyTree, head: dict, data: tuple, settings: ExampleSettings, model: RowModel, *,
+              progress: bool, desc: str) -> PyTree:
     """Full-batch Adam on the backbone only, with the task's frozen head, on ``data = (ids, mask, types, labels)``;
-    with ``rows`` (:func:`trained_rows`), on the word-embedding rows the sentences use (the same result)."""
+    ``model``: :func:`row_model` of the training sentences (the same result as training the whole table, which
+    this returns: the whole fine-tuned backbone, NumPy)."""
     from tqdm.auto import tqdm
 
-    table = None
-    if rows is not None:
-        table = np.asarray(base_params[WORD_TABLE[0]][WORD_TABLE[1]][WORD_TABLE[2]])
-        base_params = _with_word_table(base_params, table[rows.rows])
-        data = (np.searchsorted(rows.rows, data[0]).astype(np.asarray(data[0]).dtype), *data[1:])
-        functions = rows.functions
-    backbone = jax.tree.map(jnp.asarray, base_params)
-    opt_state = functions.init_opt(backbone)
+    backbone = jax.tree.map(jnp.asarray, model.params(base_params))
+    opt_state = model.functions.init_opt(backbone)
     lr = jnp.asarray(settings.backbone_lr, jnp.float32)
-    batch = tuple(jnp.asarray(x) for x in data)
+    batch = tuple(jnp.asarray(x) for x in model.inputs(data))
     for _ in tqdm(range(settings.steps), desc=desc, unit="step", disable=not progress, leave=False):
-        backbone, opt_state, _ = functions.train_step(backbone, head, opt_state, batch, lr)
+        backbone, opt_state, _ = model.functions.train_step(backbone, head, opt_state, batch, lr)
     backbone = jax.tree.map(np.asarray, backbone)
-    if table is not None:
-        full = table.copy()
-        full[rows.rows] = backbone[WORD_TABLE[0]][WORD_TABLE[1]][WORD_TABLE[2]]
-        backbone = _with_word_table(backbone, full)
-    return backbone
+    if model.rows is None:
+        return backbone
+    table = np.array(_word_table(base_params))
+    table[model.rows] = _word_table(backbone)
+    return _with_word_table(backbone, table)
 
 
-def scores(functions: Functions, backbone: PyTree, head: PyTree, data: tuple) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of the head on ``data = (ids, mask, types, labels)`` with ``backbone``,
-    from one forward pass. The cross-entropy separates backbones whose accuracy on a few sentences is the same (the
-    confidence of the right class, not only whether it wins)."""
-    import optax
+def embed_sentences(functions: Functions, backbone: PyTree, inputs: tuple, batch_size: int) -> np.ndarray:
+    """Unit sentence embeddings ``(n, d)`` of ``inputs = (ids, mask, types)`` (``(n, s)`` each), ``batch_size``
+    sentences per call, so that every call has the one compiled shape (the last batch is filled up with empty
+    sentences, whose embeddings are dropped)."""
+    backbone = jax.device_put(backbone)  # once, not once per batch
+    n = len(inputs[0])
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = [np.asarray(x[start:start + batch_size]) for x in inputs]
+        fill = batch_size - len(chunk[0])
+        chunk = [np.concatenate([x, np.zeros((fill, *x.shape[1:]), x.dtype)]) for x in chunk]
+        out.append(np.asarray(functions.embed(backbone, *chunk))[: batch_size - fill])
+    return np.concatenate(out)
 
-    ids, mask, types, labels = data
-    z = functions.logits(backbone, head, ids, mask, types)
-    accuracy = float(np.mean(np.asarray(jnp.argmax(z, -1)) == labels))
-    return accuracy, float(optax.softmax_cross_entropy_with_integer_labels(z, jnp.asarray(labels)).mean())
+
+def zero_shot_head(embeddings: np.ndarray, settings: ExampleSettings) -> dict:
+    """``{"kernel": (d, 2), "bias": (2,)}``: ``scale ×`` the unit embeddings ``(2, d)`` of the two class
+    descriptions.
+
+    >>> head = zero_shot_head(np.eye(2, 3, dtype=np.float32), ExampleSettings(head_scale=20.0))
+    >>> head["kernel"].tolist(), head["bias"].tolist()
+    ([[20.0, 0.0], [0.0, 20.0], [0.0, 0.0]], [0.0, 0.0])
+    """
+    return {"kernel": np.asarray(settings.head_scale * embeddings.T, np.float32), "bias": np.zeros((2,), np.float32)}
+
+
+def scores(embeddings: np.ndarray, head: Mapping[str, np.ndarray], labels: np.ndarray) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of the head on sentences with unit ``embeddings`` ``(n, d)`` and
+    ``labels`` ``(n,)`` (logits in float64). The cross-entropy separates backbones whose accuracy on a few sentences
+    is the same (the confidence of the right class, not only whether it wins).
+
+    >>> head = {"kernel": np.array([[2.0, 0.0], [0.0, 2.0]]), "bias": np.zeros(2)}
+    >>> accuracy, loss = scores(np.array([[1.0, 0.0], [0.6, 0.8]]), head, np.array([0, 0]))
+    >>> accuracy, round(loss, 4)   # mean of log(1 + e^-2) (logits 2, 0) and log(1 + e^0.4) (logits 1.2, 1.6)
+    (0.5, 0.52)
+    """
+    z = embeddings.astype(np.float64) @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"], np.float64)
+    shifted = z - z.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    accuracy = float(np.mean(np.argmax(z, -1) == labels))
+    return accuracy, float(-np.mean(log_p[np.arange(len(labels)), labels]))
 
 
 def removed_share(pretrained: PyTree, finetuned: Sequence[PyTree], trimmed: Sequence[PyTree]) -> list[float]:
@@ -380,6 +427,11 @@ def removed_share(pretrained: PyTree, finetuned: Sequence[PyTree], trimmed: Sequ
         removed = sum(float(np.sum((task[p] - np.asarray(tt[p], np.float64)) ** 2)) for p in linear)
         shares.append(removed / max(sum(float(np.sum(t ** 2)) for t in task.values()), 1e-300))
     return shares
+
+
+def _tree_sum(trees: Sequence[PyTree]) -> PyTree:
+    """``Σ_k trees[k]``, leaf by leaf (NumPy)."""
+    return jax.tree.map(lambda *leaves: np.sum(np.stack(leaves), axis=0), *trees)
 
 
 def run_example(out_dir: str | None = None, *, settings: ExampleSettings = ExampleSettings(),
@@ -424,7 +476,6 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
         base = pipeline.load_checkpoint(base_dir)
         model = base.model()
         tokenizer = pipeline.load_tokenizer(base_dir)
-        functions = make_functions(model)
         say = print if print_report else (lambda *a, **k: None)
         n_params = sum(int(np.size(x)) for x in jax.tree.leaves(base.params))
         n_train = {name: sum(len(side) for side in TASKS[name]["train"]) for name in settings.tasks}
@@ -433,20 +484,33 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
             f"{settings.backbone_lr:g} on {'/'.join(str(n_train[t]) for t in settings.tasks)} labelled sentences; "
             "each task's head is frozen (zero-shot: the pretrained embeddings of its class descriptions)")
 
-        data, heads, task_dirs, exemplar_files, finetuned = {}, {}, [], [], []
+        data, task_dirs, exemplar_files, finetuned = {}, [], [], []
         os.makedirs(os.path.join(root, "exemplars"), exist_ok=True)
         for name in settings.tasks:
             train_text, train_y = _split(TASKS[name], "train")
             test_text, test_y = _split(TASKS[name], "test")
             data[name] = {"train": (*tokenize(tokenizer, train_text, settings.max_length), train_y),
                           "test": (*tokenize(tokenizer, test_text, settings.max_length), test_y)}
-        rows = trained_rows(base, [data[name]["train"][0] for name in settings.tasks])
+        descriptions = tokenize(tokenizer, [d for name in settings.tasks for d in TASKS[name]["descriptions"]],
+                                settings.max_length)
+        # Two programs do all the model's work: the Adam step on the rows the training sentences use, and the
+        # embeddings on the rows the class descriptions and held-out sentences use, in batches of one task's
+        # held-out sentences (heads, every table column and every alpha of the sweep).
+        training = row_model(base, [data[name]["train"][0] for name in settings.tasks])
+        evaluation = row_model(base, [descriptions[0], *(data[name]["test"][0] for name in settings.tasks)])
+        batch_size = max(len(data[name]["test"][-1]) for name in settings.tasks)
+
+        def embeddings(backbone: PyTree, inputs: tuple) -> np.ndarray:
+            return embed_sentences(evaluation.functions, evaluation.params(backbone), evaluation.inputs(inputs),
+                                   batch_size)
+
+        described = embeddings(base.params, descriptions)
+        heads = {name: zero_shot_head(described[2 * k: 2 * k + 2], settings) for k, name in enumerate(settings.tasks)}
+        lap("load")
         for name in settings.tasks:
             task = TASKS[name]
-            heads[name] = zero_shot_head(functions, base.params, task["descriptions"], settings, tokenizer)
-            lap("load")
-            backbone = fine_tune(base.params, heads[name], data[name]["train"], settings, functions,
-                                 progress=progress, desc=f"fine-tune {name}", rows=rows)
+            backbone = fine_tune(base.params, heads[name], data[name]["train"], settings, training,
+                                 progress=progress, desc=f"fine-tune {name}")
             finetuned.append(backbone)
             lap("fine-tune")
             task_dir = os.path.join(root, "tasks", name)
@@ -461,8 +525,7 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
             exemplar_files.append(path)
             lap("write")
 
-        merged_dirs, removed = {}, {}
-        vectors = {"task_arithmetic": cm.task_vectors(base.params, finetuned)}
+        merged_dirs, removed, trimmed = {}, {}, None
         for method in settings.methods:
             out = os.path.join(root, "merged", method)
             if method == "cat":
@@ -472,7 +535,6 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
                 stats = [pipeline.task_statistics(capture, ft, pipeline.read_exemplars(f, base))
                          for ft, f in zip(finetuned, exemplar_files)]
                 trimmed = cm.cat_trim(base.params, finetuned, stats, lam=settings.lam, c=settings.c)
-                vectors["cat"] = trimmed
                 removed = dict(zip(settings.tasks, removed_share(base.params, finetuned, trimmed)))
                 save_hf_folder(out, jax.tree.map(np.asarray, cm.combine(base.params, trimmed, settings.alpha)),
                                base.meta, base_dir)
@@ -483,33 +545,42 @@ def run_example(out_dir: str | None = None, *, settings: ExampleSettings = Examp
                                                              hparams=hparams, progress=progress)
             lap(f"merge {method}")
 
-        # on the device once, not once per task and column
-        backbones = {"pretrained": jax.device_put(base.params)}
-        backbones.update({m: jax.device_put(pipeline.load_checkpoint(d).params) for m, d in merged_dirs.items()})
-        table: dict[str, dict[str, float]] = {}
-        losses: dict[str, dict[str, float]] = {}
-        for name, backbone in zip(settings.tasks, finetuned):
-            test = data[name]["test"]
-            columns = {"pretrained": backbones["pretrained"], "individual": jax.device_put(backbone),
-                       **{m: backbones[m] for m in settings.methods}}
-            both = {c: scores(functions, b, heads[name], test) for c, b in columns.items()}
-            table[name] = {c: acc for c, (acc, _) in both.items()}
-            losses[name] = {c: loss for c, (_, loss) in both.items()}
+        # Every held-out sentence of every task in one run of each backbone; a task's rows are its own.
+        tests = [data[name]["test"] for name in settings.tasks]
+        every_test = tuple(np.concatenate([t[i] for t in tests]) for i in range(3))
+        ends = np.cumsum([len(t[-1]) for t in tests])
+
+        def per_task(every: np.ndarray) -> dict[str, tuple[float, float]]:
+            return {name: scores(e, heads[name], t[-1])
+                    for name, e, t in zip(settings.tasks, np.split(every, ends[:-1]), tests)}
+
+        columns = {"pretrained": per_task(embeddings(base.params, every_test))}
+        columns["individual"] = {name: scores(embeddings(backbone, t[:3]), heads[name], t[-1])
+                                 for name, backbone, t in zip(settings.tasks, finetuned, tests)}
+        columns.update({m: per_task(embeddings(pipeline.load_checkpoint(d).params, every_test))
+                        for m, d in merged_dirs.items()})
+        table = {name: {c: col[name][0] for c, col in columns.items()} for name in settings.tasks}
+        losses = {name: {c: col[name][1] for c, col in columns.items()} for name in settings.tasks}
         # The same task vectors (CAT: the same trimmed ones) at several merge scales: more of every task vector
-        # also means more of the other tasks' interference, which CAT's trimming is for.
+        # also means more of the other tasks' interference, which CAT's trimming is for. W0 + alpha·ΣT_k on the
+        # evaluation's rows of the word table, ΣT_k summed once.
         sweep: dict[float, dict[str, dict[str, float]]] = {}
-        tests = [(heads[name], data[name]["test"]) for name in settings.tasks]
-        for alpha in settings.alpha_sweep if "cat" in vectors else ():  # the comparison needs CAT's vectors
-            sweep[alpha] = {}
-            for method in ("task_arithmetic", "cat"):
-                if alpha == settings.alpha and method in settings.methods:  # the merges the tables just scored
-                    sweep[alpha][method] = {"accuracy": float(np.mean([table[t][method] for t in settings.tasks])),
-                                            "loss": float(np.mean([losses[t][method] for t in settings.tasks]))}
-                    continue
-                merged = cm.combine(base.params, vectors[method], alpha)
-                accuracies, cross_entropies = zip(*(scores(functions, merged, *t) for t in tests))
-                sweep[alpha][method] = {"accuracy": float(np.mean(accuracies)),
-                                        "loss": float(np.mean(cross_entropies))}
+        if trimmed is not None and settings.alpha_sweep:  # the comparison needs CAT's vectors
+            base_rows = evaluation.params(jax.tree.map(np.asarray, base.params))
+            summed = {
+                "task_arithmetic": _tree_sum(cm.task_vectors(base_rows, [evaluation.params(ft) for ft in finetuned])),
+                "cat": _tree_sum([evaluation.params(jax.tree.map(np.asarray, t)) for t in trimmed])}
+            for alpha in settings.alpha_sweep:
+                sweep[alpha] = {}
+                for method in ("task_arithmetic", "cat"):
+                    if alpha == settings.alpha and method in settings.methods:  # the merges the tables just scored
+                        both = [columns[method][t] for t in settings.tasks]
+                    else:
+                        merged = jax.tree.map(lambda w, t: w + np.float32(alpha) * t, base_rows, summed[method])
+                        both = list(per_task(embed_sentences(evaluation.functions, merged,
+                                                             evaluation.inputs(every_test), batch_size)).values())
+                    sweep[alpha][method] = {"accuracy": float(np.mean([a for a, _ in both])),
+                                            "loss": float(np.mean([loss for _, loss in both]))}
         lap("evaluate")
         report = {"accuracy": table, "loss": losses, "sweep": sweep, "removed": removed,
                   "settings": dataclasses.asdict(settings),
@@ -578,8 +649,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, metavar="DIR", help="keep the example's folders here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    import contextlib
+
+    from threadpoolctl import threadpool_limits
+
+    # As `catmerge example` does (catmerge_jax.cli.single_threaded_lapack), here with NumPy already loaded: one
+    # OpenBLAS thread unless the user chose a count (its spinning threads fight XLA's: CAT took 36 s against 14 s).
+    limit = contextlib.nullcontext() if "OPENBLAS_NUM_THREADS" in os.environ else threadpool_limits(1, "blas")
     try:
-        run_example(args.out, progress=not args.quiet)
+        with limit:
+            run_example(args.out, progress=not args.quiet)
     except CatMergeError as e:
         print(f"catmerge: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

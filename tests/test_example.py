@@ -244,3 +244,42 @@ def test_full_example_via_cli(tmp_path, capsys):
     assert [float(v) for v in sweep[0].split()[1:3]] == pytest.approx([task_arithmetic, cat], abs=5e-3)
     assert os.path.exists(tmp_path / "ex" / "merged" / "cat" / "model.safetensors")
     assert f"merged models (Hugging Face folders): {tmp_path / 'ex' / 'merged' / 'task_arithmetic'}" in out
+
+
+def test_training_on_the_used_rows_equals_training_the_whole_table(tmp_path):
+    """:func:`example.row_model`: fine-tuning on the word-embedding rows the batch uses gives the whole-table
+    fine-tuning's backbone (the rows no sentence uses stay exactly as they were). The evaluation's row model and
+    batches are checked by the flow test above (every table entry against PyTorch on the whole model; the heads'
+    10 descriptions fill half a batch)."""
+    import catmerge_jax as cm
+    from catmerge_jax import pipeline
+
+    base_dir = _tiny_bert(str(tmp_path / "tiny"))
+    base, tokenizer = pipeline.load_checkpoint(base_dir), pipeline.load_tokenizer(base_dir)
+    settings = ExampleSettings(steps=3, backbone_lr=3e-3)
+    text, labels = example._split(TASKS["tense"], "train")
+    data = (*example.tokenize(tokenizer, text, settings.max_length), labels)
+    whole = example.RowModel(None, example.make_functions(base.model()))       # the whole table
+    rows = example.row_model(base, [data[0]])
+    assert whole.rows is None and 0 < rows.rows.size < base.config["vocab_size"]
+    head = {"kernel": np.random.default_rng(0).normal(size=(16, 2)).astype(np.float32),
+            "bias": np.zeros(2, np.float32)}
+    want = example.fine_tune(base.params, head, data, settings, whole, progress=False, desc="")
+    got = example.fine_tune(base.params, head, data, settings, rows, progress=False, desc="")
+    flat_base, flat_want = dict(cm.leaves_with_paths(base.params)), dict(cm.leaves_with_paths(want))
+    unused = np.setdiff1d(np.arange(base.config["vocab_size"]), rows.rows)
+    table = "embeddings/word_embeddings/embedding"
+    np.testing.assert_array_equal(flat_want[table][unused], flat_base[table][unused])  # zero gradient, zero step
+    for path, value in cm.leaves_with_paths(got):
+        # float32; Adam moves every trained entry by about lr per step: 1e-6 is ~1e-4 of the 1e-2 moved
+        np.testing.assert_allclose(value, flat_want[path], rtol=0, atol=1e-6, err_msg=path)
+        assert path != table or np.abs(value - flat_base[path]).max() > 1e-3            # the table was trained
+
+
+def test_row_model_renumbers_ids_and_refuses_ids_it_does_not_keep():
+    model = example.RowModel(np.array([0, 7, 9]), functions=None)
+    ids, mask = np.array([[9, 0, 7]], np.int32), np.ones((1, 3), np.int32)
+    got = model.inputs((ids, mask))
+    assert got[0].tolist() == [[2, 0, 1]] and got[0].dtype == np.int32 and got[1] is mask
+    with pytest.raises(CatMergeError, match=r"token ids \[8\] are not among the 3 word-embedding rows"):
+        model.inputs((np.array([[9, 8]], np.int32), mask))
