@@ -20,6 +20,7 @@ only through the table :data:`converters.families.FAMILY_MODULES`, so the conver
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Callable, Mapping
 
 import jax
@@ -121,12 +122,14 @@ def template_shapes(model, *example_args) -> dict[str, tuple[int, ...]]:
         hash(key)
     except TypeError:  # an unhashable model: trace every time
         return _template_shapes(model, *example_args)
-    if key not in _TEMPLATE_SHAPES:
-        _TEMPLATE_SHAPES[key] = _template_shapes(model, *example_args)
-    return dict(_TEMPLATE_SHAPES[key])
+    with _TEMPLATE_LOCK:  # folders read on two threads (pipeline.load_tasks) trace the model once, not twice
+        if key not in _TEMPLATE_SHAPES:
+            _TEMPLATE_SHAPES[key] = _template_shapes(model, *example_args)
+        return dict(_TEMPLATE_SHAPES[key])
 
 
 _TEMPLATE_SHAPES: dict = {}
+_TEMPLATE_LOCK = threading.Lock()
 
 
 def _template_shapes(model, *example_args) -> dict[str, tuple[int, ...]]:
