@@ -356,9 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         single_threaded_lapack()
         # Programs compiled once per machine (JAX's persistent cache in the user's cache folder;
         # CATMERGE_COMPILATION_CACHE=0 turns it off): docs/performance.md.
-        from catmerge_jax.compilation_cache import enable_compilation_cache
+        from catmerge_jax.compilation_cache import enable_compilation_cache, shapes_cache_dir
+        from converters.keys import remember_template_shapes
 
-        enable_compilation_cache()
+        if enable_compilation_cache() is not None:
+            remember_template_shapes(shapes_cache_dir())  # and the models' parameter shapes (no init traced)
     try:
         with _sigterm_as_interrupt():
             return handlers[args.command](args)

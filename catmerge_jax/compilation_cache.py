@@ -67,16 +67,31 @@ def machine_tag() -> str:
 def default_cache_dir(environ=os.environ) -> str:
     """``$CATMERGE_COMPILATION_CACHE`` (when it is a path), else ``$XDG_CACHE_HOME/catmerge_jax/xla`` or
     ``~/.cache/catmerge_jax/xla``, with a ``jax-<version>-jaxlib-<version>-<machine_tag>`` subfolder."""
+    return os.path.join(_cache_root(environ), _version_folder())
+
+
+def shapes_cache_dir(environ=os.environ) -> str | None:
+    """Where ``catmerge`` keeps the parameter shapes of the models it read (a small JSON per model configuration,
+    :func:`converters.keys.template_shapes`): the ``shapes-<version folder>`` sibling of :func:`default_cache_dir`'s
+    folder, or ``None`` when ``$CATMERGE_COMPILATION_CACHE`` turns the caches off."""
+    if disabled_by_env(environ):
+        return None
+    return os.path.join(_cache_root(environ), "shapes-" + _version_folder())
+
+
+def _cache_root(environ) -> str:
+    chosen = environ.get(ENV, "").strip()
+    if chosen and chosen.lower() not in OFF_VALUES and chosen.lower() not in ("1", "on", "true", "yes"):
+        return os.path.expanduser(chosen)
+    return os.path.join(environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "catmerge_jax", "xla")
+
+
+def _version_folder() -> str:
     import jax
     import jaxlib
 
-    chosen = environ.get(ENV, "").strip()
-    if chosen and chosen.lower() not in OFF_VALUES and chosen.lower() not in ("1", "on", "true", "yes"):
-        root = os.path.expanduser(chosen)
-    else:
-        root = os.path.join(environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "catmerge_jax", "xla")
-    return os.path.join(root, f"jax-{jax.__version__}-jaxlib-{jaxlib.__version__}-{machine_tag()}")
+    return f"jax-{jax.__version__}-jaxlib-{jaxlib.__version__}-{machine_tag()}"
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None, *, respect_env: bool = True) -> str | None:
@@ -111,4 +126,4 @@ def enable_compilation_cache(path: str | os.PathLike | None = None, *, respect_e
     return folder
 
 
-__all__ = ["enable_compilation_cache", "default_cache_dir", "machine_tag", "disabled_by_env", "ENV", "MAX_BYTES"]
+__all__ = ["enable_compilation_cache", "default_cache_dir", "shapes_cache_dir", "machine_tag", "disabled_by_env", "ENV", "MAX_BYTES"]
