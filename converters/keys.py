@@ -244,9 +244,9 @@ def match_state(state: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int,
             raise ConversionError(f"checkpoint key {key!r} has shape {tuple(value.shape)}; Flax leaf {path} expects "
                                   f"{tuple(shape)} (after '{transform}')")
         leaves[path] = LeafMap(path, key, value.dtype, tuple(value.shape), transform)
-        if dtype is not None:
-            flax_value = flax_value.astype(dtype)
-        flat[path] = np.asarray(flax_value, order="C")
+        # one copy that casts and lays out at once (astype would keep a transposed view's order: a second copy)
+        flat[path] = (np.asarray(flax_value, order="C") if dtype is None
+                      else np.array(flax_value, dtype=dtype, order="C"))
     aside = {}
     for key in state:
         if key in wanted:

@@ -20,7 +20,9 @@ the PyTorch job's capture + merge stages.
     PYTHONPATH=. python experiments/bench_cli.py                    # writes experiments/results/bench_cli.{json,log}
     PYTHONPATH=. python experiments/bench_cli.py --repeats 1 --methods cat --results ''   # a quick look
 
-The machine is shared while this project is developed: the log records the load average before and after.
+The machine is shared while this project is developed: the log records the load average before and after, and
+the CPU seconds other processes used during each method's runs (the machine's busy time from ``/proc/stat`` minus
+this benchmark's own), which the load average cannot tell apart from the benchmark's own work.
 """
 
 from __future__ import annotations
@@ -116,6 +118,41 @@ def timed(cmd: list[str], env: dict) -> tuple[float, str]:
     return seconds, done.stdout
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine spent busy since boot (``/proc/stat``: all but idle and I/O wait), or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (user + system)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+class OtherWork:
+    """CPU seconds that processes other than this benchmark used while it ran (the machine's busy time minus ours):
+    a direct measure of a shared machine's interference, where the load average also counts our own runs."""
+
+    def __init__(self):
+        self.machine, self.own, self.wall = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+
+    def seconds(self) -> tuple[float | None, float]:
+        """``(other processes' CPU seconds, wall seconds)`` since this was made."""
+        wall = time.perf_counter() - self.wall
+        now = busy_cpu_seconds()
+        if now is None or self.machine is None:
+            return None, wall
+        return max(0.0, (now - self.machine) - (own_cpu_seconds() - self.own)), wall
+
+
 def agreement(jax_dir: str, torch_dir: str, base_dir: str) -> dict:
     """Per merged tensor, ``‖jax − torch‖ / ‖torch‖``, and the same relative to ``‖torch − base‖`` (the update)."""
     from safetensors.numpy import load_file
@@ -196,6 +233,7 @@ def main(argv=None) -> int:
     say(f"whole-job benchmark: all-MiniLM-L6-v2, K = 3 task folders, 3 exemplar sentences each; best of "
         f"{args.repeats} fresh processes per cell; {os.cpu_count()} CPUs; load average {os.getloadavg()}")
     root = tempfile.mkdtemp(prefix="bench-cli-")
+    whole = OtherWork()
     status = 0
     try:
         job = make_job(os.path.join(root, "job"))
@@ -209,6 +247,7 @@ def main(argv=None) -> int:
 
         for method in args.methods:
             load_before = os.getloadavg()
+            other = OtherWork()
             first, first_lines, cpu = [], [], {}
             for r in range(args.repeats):  # an empty cache folder every time
                 cache = os.path.join(root, f"cache-{method}-first-{r}")
@@ -237,7 +276,9 @@ def main(argv=None) -> int:
                     torch_stages.append(json.load(f))
             agree = agreement(jax_out, torch_out, job["base"])
             best_torch = min(torch_runs)
+            other_s, wall_s = other.seconds()
             row = {"jax_first_s": first, "jax_repeated_s": repeated, "torch_s": torch_runs,
+                   "other_processes_cpu_s": other_s, "wall_s": wall_s,
                    "jax_first_stages": first_lines[int(np.argmin(first))],
                    "jax_repeated_stages": repeated_lines[int(np.argmin(repeated))],
                    "torch_stages": torch_stages[int(np.argmin(torch_runs))],
@@ -248,11 +289,15 @@ def main(argv=None) -> int:
                 f"{min(repeated):.2f} s ({row['jax_repeated_stages']}); PyTorch {best_torch:.2f} s ("
                 + ", ".join(f"{k} {v:.1f} s" for k, v in row["torch_stages"].items()) + ")")
             load_after = os.getloadavg()
-            busy = max(load_before[0], load_after[0], load_after[1]) > 1.5
+            # Our own runs raise the load average too; other processes' CPU time is what tells a shared machine.
+            cores = os.cpu_count() or 1
+            busy = other_s is not None and other_s > 0.05 * wall_s * cores
             say(f"  load average before/after (1, 5, 15 min): {tuple(round(x, 2) for x in load_before)} / "
-                f"{tuple(round(x, 2) for x in load_after)}" + (" — OTHER WORK RAN MEANWHILE: these times are not a "
-                                                                 "quiet machine's (PyTorch's threads suffer most)"
-                                                                 if busy else ""))
+                f"{tuple(round(x, 2) for x in load_after)}; other processes used "
+                + ("(unknown)" if other_s is None else f"{other_s:.1f}")
+                + f" of the {wall_s * cores:.0f} CPU seconds available ({wall_s:.0f} s × {cores} cores)"
+                + (" — OTHER WORK RAN MEANWHILE: these times are not a quiet machine's (PyTorch's threads suffer "
+                   "most)" if busy else ""))
             names = {"jax_first": "JAX first run", "jax_repeated": "JAX repeated run", "torch": "PyTorch"}
             say("  CPU seconds (user + system), least of the runs: "
                 + ", ".join(f"{names[k]} {min(v):.1f}" for k, v in cpu.items()))
@@ -282,7 +327,11 @@ def main(argv=None) -> int:
         for method, row in data["methods"].items():
             say(f"| {method} | {min(row['jax_first_s']):.2f} | {min(row['jax_repeated_s']):.2f} | "
                 f"{min(row['torch_s']):.2f} | {row['ratio_first']:.2f}× | {row['ratio_repeated']:.2f}× |")
-        say(f"\nload average after: {os.getloadavg()} (2-core machine shared with other work while this ran)")
+        whole_other, whole_wall = whole.seconds()
+        data["other_processes_cpu_s"] = whole_other
+        say(f"\nload average after: {os.getloadavg()}; other processes used "
+            + ("(unknown)" if whole_other is None else f"{whole_other:.1f}")
+            + f" of the {whole_wall * (os.cpu_count() or 1):.0f} CPU seconds available during the whole run")
         data["load_average_after"] = os.getloadavg()
         data["status"] = status
     finally:
