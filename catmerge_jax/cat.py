@@ -288,10 +288,11 @@ def _per_layer(x: Any, spec: LeafSpec, trailing: int) -> jax.Array:
     ``trailing`` is the number of per-layer axes; output blocks of a fused projection share their input, so the
     statistic repeats for each block (layer index = stack index · blocks + block, as ``LeafSpec.matrices``).
     """
-    x = jnp.asarray(x)
+    xp = np if on_one_cpu(x) else jnp  # NumPy moves concrete data without compiling a program per shape
+    x = xp.asarray(x)
     rest = x.shape[x.ndim - trailing:] if trailing else ()
     x = x.reshape((-1,) + tuple(rest))
-    return jnp.repeat(x, spec.out_blocks, axis=0) if spec.out_blocks > 1 else x
+    return xp.repeat(x, spec.out_blocks, axis=0) if spec.out_blocks > 1 else x
 
 
 def _row_counts(leaf: LeafInput, per_task: Sequence[LeafStats]) -> list[jax.Array]:
@@ -317,6 +318,9 @@ def linear_inputs(leaf: LeafInput, normalize: bool = False) -> tuple[str, jax.Ar
     if all(s.rows is not None for s in per_task):
         n_max = max(np.shape(s.rows)[-2] for s in per_task)
         if n_max < fan_in:
+            if not normalize and on_one_cpu([s.rows for s in per_task]):
+                return "rows", _stacked_rows_on_host([s.rows for s in per_task], spec=leaf.spec, n_max=n_max,
+                                                     dtype=jnp.dtype(dtype))
             return "rows", _stacked_rows([s.rows for s in per_task], [s.count for s in per_task] if normalize else None,
                                          spec=leaf.spec, n_max=n_max, dtype=jnp.dtype(dtype))
     counts = _row_counts(leaf, per_task)
@@ -357,6 +361,16 @@ def _stacked_rows(rows: list[Any], counts: list[Any] | None, *, spec: LeafSpec, 
             r = r / jnp.sqrt(_per_layer(counts[k], spec, 0).astype(dtype))[:, None, None]
         out.append(jnp.pad(r, ((0, 0), (0, n_max - r.shape[1]), (0, 0))))
     return jnp.stack(out)
+
+
+def _stacked_rows_on_host(rows: list[Any], *, spec: LeafSpec, n_max: int, dtype: Any) -> np.ndarray:
+    """:func:`_stacked_rows` without ``counts``, by NumPy (see :func:`on_one_cpu`): the same rows, casts and zero
+    padding, exactly."""
+    layers = [np.asarray(_per_layer(r, spec, 2)) for r in rows]
+    out = np.zeros((len(rows), layers[0].shape[0], n_max, layers[0].shape[-1]), np.dtype(dtype))
+    for k, r in enumerate(layers):
+        out[k, :, :r.shape[1]] = r
+    return out
 
 
 def gram_inputs(leaf: LeafInput, normalize: bool) -> tuple[str, jax.Array]:
@@ -459,13 +473,22 @@ def linear_projection(lam: float = 5.0, c: int = 3, *, joint: bool = False, norm
 
 def _flat(leaf: LeafInput) -> jax.Array:
     """``(K, layers, d)``: the task vectors of a SCALE/SHIFT leaf per layer."""
-    return leaf.spec.vectors(leaf.task_vectors, lead=1)
+    return leaf.spec.vectors(host_view(leaf.task_vectors), lead=1)
 
 
 def _mask_apply(leaf: LeafInput, masks: jax.Array) -> jax.Array:
     num = leaf.task_vectors.shape[0]
-    return apply_cat_masks(leaf.task_vectors.reshape(num, -1), masks.reshape(num, -1)).reshape(
-        leaf.task_vectors.shape)
+    trimmed = apply_cat_masks(host_view(leaf.task_vectors).reshape(num, -1), host_view(masks).reshape(num, -1))
+    trimmed = host_view(trimmed)
+    if isinstance(trimmed, np.ndarray):
+        return to_device(trimmed.reshape(leaf.task_vectors.shape))
+    return trimmed.reshape(leaf.task_vectors.shape)
+
+
+def host_view(x: Any) -> Any:
+    """``x`` as a NumPy view of its CPU buffer when it is concrete and the backend is one CPU device
+    (:func:`on_one_cpu`), else ``x``: reshapes and stacks of the merge's glue then compile no program per shape."""
+    return np.asarray(x) if on_one_cpu(x) else x
 
 
 def scale_masking(lam: float = 5.0, c: int = 3, *, per_row_mean: bool = False) -> Trimmer:
@@ -484,8 +507,9 @@ def scale_masking(lam: float = 5.0, c: int = 3, *, per_row_mean: bool = False) -
                 raise TreeMismatchError(f"leaf '{leaf.path}': task {k} sq_sum has {np.size(sq)} entries, expected "
                                         f"{size}")
         counts = _row_counts(leaf, leaf.stats)
-        sq = jnp.stack([_per_layer(s, leaf.spec, 1).reshape(t.shape[1:]).astype(t.dtype)
-                        / (n.astype(t.dtype)[:, None] if per_row_mean else 1.0) for s, n in zip(sums, counts)])
+        xp = np if on_one_cpu((t, sums)) and not per_row_mean else jnp  # (a NumPy division may round otherwise)
+        sq = xp.stack([_per_layer(s, leaf.spec, 1).reshape(t.shape[1:]).astype(t.dtype)
+                       / (n.astype(t.dtype)[:, None] if per_row_mean else 1.0) for s, n in zip(sums, counts)])
         return _layer_scale_masks(t, _stop(sq), _stop(lam), c=c)
 
     return Trimmer(init, _mask_apply)
@@ -1085,6 +1109,18 @@ def _sum_tasks(stack: jax.Array) -> jax.Array:
     return total
 
 
+def sum_tasks(stack: Any) -> Any:
+    """:func:`_sum_tasks`, by NumPy for a concrete stack on one CPU device (:func:`on_one_cpu`): the same adds in the
+    same order, so the same result, without a program compiled per leaf shape."""
+    if not on_one_cpu(stack):
+        return _sum_tasks(stack)
+    stack = np.asarray(stack)
+    total = stack[0]
+    for t in stack[1:]:
+        total = total + t
+    return to_device(np.ascontiguousarray(total))
+
+
 @jax.jit
 def _combine(bases: list[jax.Array], updates: list[jax.Array], alpha: jax.Array) -> list[jax.Array]:
     """``W0 + α Σ_i T̃_i`` per leaf in the wider of the leaf dtype and float32, cast back (all leaves in one
@@ -1235,7 +1271,7 @@ def _batched_updates(inputs: TreeInputs, stats: Sequence[PyTree], table: Mapping
     if traced and solver == "auto":
         solver = "eigh"
     clock.update({"prepare": 0.0, "bases": 0.0, "apply": 0.0, "solves": 0, "fallbacks": 0, "groups": []})
-    reduce = (lambda x: x) if per_task else _sum_tasks
+    reduce = (lambda x: x) if per_task else sum_tasks
 
     update_by_index: dict[int, jax.Array] = {}
     unresolved_leaves: set[str] = set()
