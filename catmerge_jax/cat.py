@@ -1138,11 +1138,13 @@ def _combine(bases: list[jax.Array], updates: list[jax.Array], alpha: jax.Array)
 # 2 cores; a large model's layer costs seconds, next to which a few more calls are noise.
 GROUP_BYTES = 64 << 20
 
-PARALLEL_BYTES = 512 << 20
+PARALLEL_BYTES = 256 << 20
 """Linear task vectors up to this size (all layers, all tasks) are solved by two worker threads on a CPU backend.
 Such a merge spends most of its time compiling one program pair per group, and XLA compiles (and runs) without
-the GIL, so one group compiles while another runs. Larger merges are dominated by their arithmetic, which XLA and
-LAPACK already spread over the cores: they stay sequential, with one group's memory in flight."""
+the GIL, so one group compiles while another runs (MiniLM, K = 3: 130 MB; the example's K = 5: 216 MB). Larger
+merges (one ViT-L/14 block with K = 8: 403 MB) are dominated by their arithmetic, which XLA and LAPACK already
+spread over the cores: they stay sequential, with one group's memory in flight and stage seconds (``timings=``)
+that are wall seconds rather than two threads' overlapping ones."""
 
 
 def is_small_merge(linear_bytes: int, *, traced: bool) -> bool:
