@@ -22,6 +22,7 @@ performance figures are read from those files.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -72,6 +73,56 @@ class Recorder:
         with atomic_file(paths[1], "w", encoding="utf-8") as f:
             f.write(f"$ {self.data['command']}\n" + "\n".join(self.lines) + "\n")
         return paths
+
+
+class MemoryLog:
+    """This process's resident memory per stage of a run, in MiB, from ``/proc/self/status`` (Linux; elsewhere
+    nothing is recorded): at each :meth:`mark` the resident set now (``VmRSS``) and its peak since the previous mark
+    (``VmHWM``, reset after each reading through ``/proc/self/clear_refs``, so every stage gets its own peak).
+    :attr:`peak_mib` is the run's peak: the largest of them. Reading costs microseconds; no sampling thread."""
+
+    def __init__(self):
+        self.stages: dict[str, dict[str, float]] = {}
+        self.peak_mib: float | None = None
+        self._reset()
+
+    @staticmethod
+    def _status() -> dict[str, float] | None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+        except OSError:
+            return None
+        return {key: int(value.split()[0]) / 1024 for key, value in fields.items()}  # kB → MiB
+
+    @staticmethod
+    def _reset() -> None:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # 5: reset the peak resident set size to the current one
+        except OSError:
+            pass
+
+    def mark(self, stage: str) -> None:
+        status = self._status()
+        if status is None:
+            return
+        self.stages[stage] = {"rss_mib": round(status["VmRSS"]), "peak_mib": round(status["VmHWM"])}
+        self.peak_mib = max(self.peak_mib or 0.0, status["VmHWM"])
+        self._reset()
+
+    def as_dict(self) -> dict:
+        return {"peak_rss_mib": None if self.peak_mib is None else round(self.peak_mib), "stages": self.stages}
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; nothing where there is none). The
+    capture's freed temporaries (small arrays, so heap rather than mmap'ed) otherwise stay resident beside the merge
+    that follows: 0.8–0.9 GiB for ViT-B/32 at K = 20."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def fastest(call, repeats: int):
@@ -175,6 +226,9 @@ def machine_info() -> dict:
     return info
 
 
+# The merge-total speed-up over the PyTorch reference each model's benchmark is held to (issue 26): printed with
+# what the run measured, so the log says whether it is met.
+TARGETS = {"b32": 10.0, "l14": 5.0}
 MODELS = {  # blocks, width, mlp, tokens per exemplar (image patches + class token, or a sentence), heads
     "b32": (12, 768, 3072, 50, 12),
     "l14": (24, 1024, 4096, 257, 16),
@@ -309,15 +363,26 @@ def stack_blocks(flat: dict[str, np.ndarray], blocks: int) -> dict:
 
 
 def jax_capture(finetuned, exemplars, blocks, heads, pretrained_tree):
+    """``(stats per task, capture seconds, compile seconds)``: each task's forward pass and its statistics.
+
+    One task's stacked block params ``(blocks, ...)`` exist at a time (stacking all K first held a second copy of
+    every fine-tuned model: 6.8 GB at K = 20 for ViT-B/32); the stacking stays outside the timed part, as before.
+    """
     run = capture_fn(heads)
-    stacked = [stack_blocks(f, blocks) for f in finetuned]
+    stacked = stack_blocks(finetuned[0], blocks)
     t0 = time.perf_counter()
-    jax.block_until_ready(run(stacked[0], exemplars[0]))
+    jax.block_until_ready(run(stacked, exemplars[0]))
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    captured = [jax.tree.map(np.asarray, run(s, jnp.asarray(x))) for s, x in zip(stacked, exemplars)]
-    stats = [stats_tree(c, blocks, pretrained_tree) for c in captured]
-    return stats, time.perf_counter() - t0, compile_s
+    stats, capture_s = [], 0.0
+    for k, (f, x) in enumerate(zip(finetuned, exemplars)):
+        if k:
+            stacked = stack_blocks(f, blocks)
+        t0 = time.perf_counter()
+        captured = jax.tree.map(np.asarray, run(stacked, jnp.asarray(x)))
+        stats.append(stats_tree(captured, blocks, pretrained_tree))
+        capture_s += time.perf_counter() - t0
+        stacked = captured = None  # freed before the next task's copy is made
+    return stats, capture_s, compile_s
 
 
 def solver_table(sizes=(768, 3072, 4096), c: int = 3, num_tasks: int = 8, rows: int = 150, seed: int = 0,
@@ -424,22 +489,29 @@ def main(argv=None) -> int:
         rec.say(f"  plan ({fan_in}, {fan_out}): {plan}")
     rec.data["plans"] = plans
 
+    memory = MemoryLog()  # resident memory per stage, into the JSON (the printed output is unchanged)
     features, exemplars = make_exemplars(num_tasks, args.exemplars, tokens, width)
     base, finetuned = make_models(blocks, width, mlp, num_tasks, features)
     base_tree = nest(base)
     ft_trees = [nest(f) for f in finetuned]
+    memory.mark("models")
 
     stats, capture_s, capture_compile_s = jax_capture(finetuned, exemplars, blocks, heads, base_tree)
+    release_free_heap()  # untimed, before the merges
+    memory.mark("capture")
     kwargs = dict(alpha=args.alpha, lam=args.lam, c=args.c, solver=args.solver, strategy=args.strategy,
                   min_gap=args.min_gap)
     t0 = time.perf_counter()
     jax.block_until_ready(cat_merge_batched(base_tree, ft_trees, stats, **kwargs))
     first_s = time.perf_counter() - t0
+    release_free_heap()  # untimed: what the first call freed goes back too, so the timed call's peak is its own
+    memory.mark("first call")
     def timed_merge():  # the merge and its own stage timings, so the fastest call keeps its breakdown
         clock: dict = {}
         return cat_merge_batched(base_tree, ft_trees, stats, timings=clock, **kwargs), clock
 
     merge_s, (merged, timings) = fastest(timed_merge, args.repeats)
+    memory.mark("merge (steady)")
     rate = matmul_rate()
     rec.say(f"linear solves: {timings['solves']}, eigh fallbacks: {timings['fallbacks']}; float32 matmul rate "
             f"{rate / 1e9:.1f} GFLOP/s (2048² products, fastest of 6, this process)")
@@ -461,7 +533,10 @@ def main(argv=None) -> int:
     floor_s, floor_groups = lapack_floor(timings["groups"], num_tasks, args.exemplars * tokens, args.c, args.repeats)
     for g in floor_groups:
         rec.say(f"  LAPACK alone for group {g['shape']}: {g['calls']}: {g['seconds']:.2f} s")
-    rec.say(f"LAPACK factorizations alone (same calls on random matrices of the same shapes): {floor_s:.2f} s")
+    if floor_groups:
+        rec.say(f"LAPACK factorizations alone (same calls on random matrices of the same shapes): {floor_s:.2f} s")
+    else:
+        rec.say("LAPACK factorizations: none (every group's plan solves iteratively)")
     rec.data["lapack_floor"] = {"seconds": floor_s, "groups": floor_groups}
     rows = [("capture (features → stats)", capture_s, None), ("bases + masks", timings["bases"], None),
             ("apply", timings["apply"], None), ("merge total (steady)", merge_s, None),
@@ -501,8 +576,12 @@ def main(argv=None) -> int:
                                           "max_error_relative_to_update": float(worst_update),
                                           "tolerance": args.tolerance}
         rec.data["torch"] = {k: float(v) for k, v in tt.items()}
-        rec.say(f"5× the PyTorch reference would be a {torch_total / 5:.2f} s merge; its LAPACK factorizations "
-                f"alone take {floor_s:.2f} s here")
+        target = None if args.quick else TARGETS.get(args.model)
+        if target is not None:  # the speed-up issue 26 asks of this benchmark, against what this run measured
+            achieved = torch_times[3] / merge_s
+            rec.say(f"target {target:g}× the PyTorch reference's merge: a {torch_times[3] / target:.2f} s merge; "
+                    f"measured {achieved:.1f}× ({'met' if achieved >= target else 'not met'})")
+            rec.data["target"] = {"ratio": target, "measured": achieved, "met": achieved >= target}
     rec.say("\n| stage | JAX batched (s) | PyTorch reference (s) | ratio |\n|---|---:|---:|---:|")
     table = []
     for label, jax_s, torch_s in rows:
@@ -522,6 +601,8 @@ def main(argv=None) -> int:
         rec.say(f"FAILED: relative error {worst:.2e} > {args.tolerance:.0e}")
         status = 1
     rec.data["status"] = status
+    memory.mark("rest")
+    rec.data["memory"] = memory.as_dict()
     for path in rec.write(results):
         print(f"wrote {path}")
     return status

@@ -205,3 +205,56 @@ def test_readme_speed_figures_are_the_committed_ones():
     assert f"takes {row['jax_s']:.1f} s on {cores} CPU cores, against {row['torch_s']:.1f} s" in text
     assert f"in the same run: {row['ratio']:.1f}×" in text and f"written by `{bench['command']}`" in text
 
+
+def test_readme_whole_command_and_vit_l14_figures_are_the_committed_ones():
+    """The README's whole-command table and ViT-L/14 sentence quote experiments/results/bench_cli.json and
+    bench_l14_blocks1.json, and name the commands that wrote them."""
+    import json
+
+    text = _readme()
+    flat = " ".join(text.split())
+    cli = json.loads((ROOT / "experiments" / "results" / "bench_cli.json").read_text(encoding="utf-8"))
+    names = {"cat": "CAT", "tsv": "TSV-Merge", "ties": "TIES"}
+    assert set(cli["methods"]) == set(names)
+    for method, row in cli["methods"].items():
+        line = (f"| {names[method]} | {min(row['jax_first_s']):.2f} s ({row['ratio_first']:.2f}×) | "
+                f"{min(row['jax_repeated_s']):.2f} s ({row['ratio_repeated']:.2f}×) | {min(row['torch_s']):.2f} s |")
+        assert line in text, line
+    assert f"written by `{cli['command']}`" in flat
+    l14 = json.loads((ROOT / "experiments" / "results" / "bench_l14_blocks1.json").read_text(encoding="utf-8"))
+    row = next(r for r in l14["table"] if r["stage"] == "merge total (steady)")
+    assert f"one ViT-L/14 block takes {row['jax_s']:.1f} s against {row['torch_s']:.1f} s: {row['ratio']:.1f}×" in flat
+    assert f"written by `{l14['command']}`" in flat
+
+
+def _result(name: str) -> dict:
+    import json
+
+    return json.loads((ROOT / "experiments" / "results" / name).read_text(encoding="utf-8"))
+
+
+def test_vit_stage_tables_and_k_sweep_are_the_committed_ones():
+    """docs/performance_tables.md's ViT-B/32 and ViT-L/14 stage tables, docs/big_layers.md's K-sweep table and the
+    README's K-sweep sentence quote bench_b32.json, bench_l14_blocks1.json and bench_b32_ksweep.json, row by row."""
+    tables = (ROOT / "docs" / "performance_tables.md").read_text(encoding="utf-8")
+    for name, heading in (("bench_b32.json", "## ViT-B/32, K = 8"), ("bench_l14_blocks1.json", "## ViT-L/14, one block")):
+        section = tables[tables.index(heading):]
+        section = section[:section.index("\n## ", 1)]
+        for row in _result(name)["table"]:
+            line = f"| {row['stage']} | {row['jax_s']:.2f} | {row['torch_s']:.2f} | {row['ratio']:.1f}× |"
+            assert line in section, (name, line)
+    sweep = _result("bench_b32_ksweep.json")
+    assert sweep["complete"] and not sweep["failed"] and [t["K"] for t in sweep["table"]] == [4, 8, 14, 20]
+    big = (ROOT / "docs" / "big_layers.md").read_text(encoding="utf-8")
+    stages = ["capture (features → stats)", "bases + masks", "apply", "merge total (steady)"]
+    for t in sweep["table"]:
+        line = (f"| {t['K']} | " + " | ".join(f"{t['stages'][s]:.1f}" for s in stages)
+                + f" | {t['floor_seconds']:.1f} | {t['stages']['bases + masks'] / t['floor_seconds']:.1f}× | "
+                + f"{t['peak_rss_mib'] / 1024:.1f} |")
+        assert line in big, line
+    assert f"K^{sweep['exponents']['bases + masks']:.2f}" in big
+    flat = " ".join(_readme().split())
+    last = sweep["table"][-1]
+    assert f"grow as K^{sweep['exponents']['bases + masks']:.2f}" in flat
+    assert f"peak memory {last['peak_rss_mib'] / 1024:.1f} GiB at K = {last['K']}" in flat
+    assert f"written by `{sweep['command']}`" in flat
