@@ -141,6 +141,13 @@ def test_readme_is_short():
     assert len(_readme().splitlines()) <= README_MAX_LINES
 
 
+def _result(name: str) -> dict:
+    """experiments/results/<name>, a benchmark's JSON."""
+    import json
+
+    return json.loads((ROOT / "experiments" / "results" / name).read_text(encoding="utf-8"))
+
+
 def _results_rows(name: str) -> dict[str, list[str]]:
     """The main table of experiments/results/<name>: ``{method: [cells]}``."""
     text = (ROOT / "experiments" / "results" / name).read_text(encoding="utf-8")
@@ -196,10 +203,8 @@ def test_readme_merge_times_and_example_figures_are_the_committed_ones():
 
 
 def test_readme_speed_figures_are_the_committed_ones():
-    import json
-
     text = " ".join(_readme().split())
-    bench = json.loads((ROOT / "experiments" / "results" / "bench_b32.json").read_text(encoding="utf-8"))
+    bench = _result("bench_b32.json")
     row = next(r for r in bench["table"] if r["stage"] == "merge total (steady)")
     cores = bench["machine"]["cpus"]
     assert f"takes {row['jax_s']:.1f} s on {cores} CPU cores, against {row['torch_s']:.1f} s" in text
@@ -209,11 +214,9 @@ def test_readme_speed_figures_are_the_committed_ones():
 def test_readme_whole_command_and_vit_l14_figures_are_the_committed_ones():
     """The README's whole-command table and ViT-L/14 sentence quote experiments/results/bench_cli.json and
     bench_l14_blocks1.json, and name the commands that wrote them."""
-    import json
-
     text = _readme()
     flat = " ".join(text.split())
-    cli = json.loads((ROOT / "experiments" / "results" / "bench_cli.json").read_text(encoding="utf-8"))
+    cli = _result("bench_cli.json")
     names = {"cat": "CAT", "tsv": "TSV-Merge", "ties": "TIES"}
     assert set(cli["methods"]) == set(names)
     for method, row in cli["methods"].items():
@@ -221,16 +224,10 @@ def test_readme_whole_command_and_vit_l14_figures_are_the_committed_ones():
                 f"{min(row['jax_repeated_s']):.2f} s ({row['ratio_repeated']:.2f}×) | {min(row['torch_s']):.2f} s |")
         assert line in text, line
     assert f"written by `{cli['command']}`" in flat
-    l14 = json.loads((ROOT / "experiments" / "results" / "bench_l14_blocks1.json").read_text(encoding="utf-8"))
+    l14 = _result("bench_l14_blocks1.json")
     row = next(r for r in l14["table"] if r["stage"] == "merge total (steady)")
     assert f"one ViT-L/14 block takes {row['jax_s']:.1f} s against {row['torch_s']:.1f} s: {row['ratio']:.1f}×" in flat
     assert f"written by `{l14['command']}`" in flat
-
-
-def _result(name: str) -> dict:
-    import json
-
-    return json.loads((ROOT / "experiments" / "results" / name).read_text(encoding="utf-8"))
 
 
 def test_vit_stage_tables_and_k_sweep_are_the_committed_ones():
